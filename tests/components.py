@@ -1,0 +1,161 @@
+"""Components used by the cluster tests (importable by the workers through PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+
+import numpy as np
+
+import twinkle_dask as twinkle
+from twinkle_dask import DeviceMesh, remote_class, remote_function
+
+IDENTITY_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "CLUSTER_NAME", "WORKER_NAME")
+
+
+@remote_class()
+class Echo:
+    """Reports what each rank received and who it is."""
+
+    def __init__(self, tag: str = "echo", device_mesh: DeviceMesh = None, **extra):
+        self.tag = tag
+        self.mesh = device_mesh
+        self.extra = extra
+        self.log = []
+        self.init_identity = self._identity()
+        self.init_random = (random.random(), float(np.random.rand()))
+
+    def _identity(self):
+        return {
+            "rank": twinkle.get_rank(),
+            "world": twinkle.get_world_size(),
+            "env": {k: os.environ.get(k) for k in IDENTITY_VARS},
+            "pid": os.getpid(),
+            "thread": threading.current_thread().name,
+        }
+
+    @remote_function(dispatch="all")
+    def identity(self):
+        return dict(self._identity(), init=self.init_identity, remote_group=getattr(self, "remote_group", None),
+                    tag=self.tag, extra=self.extra, has_mesh=self.mesh is not None, init_random=self.init_random)
+
+    @remote_function(dispatch="slice")
+    def recv(self, *args, **kwargs):
+        return {"args": list(args), "kwargs": kwargs}
+
+    @remote_function(dispatch="all", collect="flatten")
+    def record(self, item, delay: float = 0.0):
+        if delay:
+            time.sleep(delay)
+        self.log.append(item)
+        return [item]
+
+    @remote_function(dispatch="all")
+    def get_log(self):
+        return list(self.log)
+
+    @remote_function(dispatch="all")
+    def produce(self, kind: str, size: int = 4):
+        return make_data(kind, twinkle.get_rank(), size)
+
+    @remote_function(dispatch="all")
+    def fail_on(self, rank: int, exc_type: str = "KeyError"):
+        if twinkle.get_rank() == rank:
+            raise {"KeyError": KeyError, "ValueError": ValueError, "Custom": CustomError}[exc_type](
+                f"rank {rank} says no")
+        return twinkle.get_rank()
+
+    @remote_function(dispatch="all", collect="first")
+    def sleep(self, seconds: float):
+        time.sleep(seconds)
+        return seconds
+
+    @remote_function(dispatch="all", collect="sum", lazy_collect=False)
+    def count(self):
+        return 1
+
+    @remote_function(dispatch="all", collect="first")
+    def big(self, n_bytes: int):
+        return np.full(n_bytes // 8, float(twinkle.get_rank()))
+
+    def local_only(self):
+        return "never remote"
+
+
+class CustomError(Exception):
+    pass
+
+
+def make_data(kind: str, rank: int, size: int = 4):
+    import torch
+
+    if kind == "list":
+        return [rank * 100 + j for j in range(size + rank % 2)]
+    if kind == "tensor":
+        return torch.arange(size * 2, dtype=torch.float32).reshape(size, 2) + 100 * rank
+    if kind == "ndarray":
+        return np.arange(size, dtype=np.int64) + 100 * rank
+    if kind == "dict":
+        return {"ids": torch.arange(size) + 100 * rank, "labels": [f"r{rank}-{j}" for j in range(size)]}
+    if kind == "tuple":
+        return (float(rank), [rank] * 2)
+    if kind == "scalar":
+        return float(rank)
+    raise ValueError(kind)
+
+
+@remote_class(execute="first")
+class Loader:
+    """A first-rank dataset with driver-side iteration."""
+
+    def __init__(self, n_batches: int = 3, batch: int = 4, device_mesh: DeviceMesh = None):
+        self.n_batches = n_batches
+        self.batch = batch
+        self.mesh = device_mesh
+
+    @remote_function()
+    def __len__(self):
+        return self.n_batches
+
+    @remote_function(collect="first")
+    def __iter__(self):
+        for i in range(self.n_batches):
+            yield list(range(i * self.batch, (i + 1) * self.batch))
+
+    @remote_function(dispatch="all", collect="first")
+    def mesh_info(self):
+        return (self.mesh.world_size, self.mesh.data_world_size, twinkle.get_world_size())
+
+
+@remote_class()
+class Stepper:
+    """An all-rank iterator whose ranks run out at different times."""
+
+    def __init__(self, lengths):
+        self.lengths = lengths
+        self.i = 0
+
+    @remote_function(collect="none", lazy_collect=False)
+    def __iter__(self):
+        self.i = 0
+        return self
+
+    def __next__(self):
+        if self.i >= self.lengths[twinkle.get_rank()]:
+            raise StopIteration
+        self.i += 1
+        return self.i
+
+
+@remote_class()
+class Broken:
+    def __init__(self, fail_rank: int = 1):
+        if twinkle.get_rank() == fail_rank:
+            raise ValueError(f"cannot build rank {fail_rank}")
+
+    @remote_function()
+    def ping(self):
+        return "pong"

@@ -1,0 +1,218 @@
+"""One remote call: bind, find lazy inputs, dispatch, pack, send, return a LazyResult.
+
+The driver does the dispatch itself when it can. Lazy inputs whose value the
+dispatch strategy must look into (a lazy list that ``'slice'`` splits, a lazy
+tensor or dict that ``'slice_dp'`` splits, anything a custom strategy sees)
+are sent whole as :class:`~twinkle_dask.lazy.LazySource` placeholders together
+with the strategy, and every consumer rank dispatches for itself, fetching
+only what its share needs.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .caller import Caller
+from .channel import pack
+from .dispatch import Dispatcher
+from .exceptions import ComponentClosedError
+from .futures import CallInfo, LazyResult
+from .lazy import KEEP, LazySource, contains, replace
+from .mesh import DeviceMesh
+from .specs import MethodSpec
+
+__all__ = ["CallTarget", "caller_site", "invoke", "prepare_inputs"]
+
+logger = logging.getLogger(__name__)
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+#: Results up to this many bytes come back with the reply even for lazy calls.
+INLINE_BYTES = 64 * 1024
+
+INLINE_NONE, INLINE_SMALL, INLINE_ALL = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class CallTarget:
+    """Where a call goes: a component's identity as the call path needs it."""
+
+    cid: str
+    label: str
+    group: str
+    ranks: tuple[int, ...]
+    addresses: tuple[str, ...]
+    mesh: DeviceMesh | None
+
+
+def caller_site() -> str | None:
+    """``file:line`` of the innermost frame outside twinkle_dask."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_arguments(fn: Callable[..., Any], label: str, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+    """Raise ``TypeError`` here, not on N workers, when the arguments do not fit ``fn``."""
+    sig = _signature(fn)
+    if sig is None:
+        return
+    try:
+        sig.bind(None, *args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"{label}{sig}: {exc}") from None
+
+
+def _is_lazy(x: Any) -> bool:
+    return isinstance(x, LazyResult)
+
+
+def prepare_inputs(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any], list[LazyResult]]:
+    """Swap lazy results for their value (when the driver has it) or a placeholder.
+
+    Returns the new arguments and the lazy results that must stay alive until
+    the call has run.
+    """
+    if not (contains(args, _is_lazy) or contains(kwargs, _is_lazy)):
+        return args, kwargs, []
+    held: list[LazyResult] = []
+
+    def swap(x: Any) -> Any:
+        if not isinstance(x, LazyResult):
+            return KEEP
+        have, value = x._local_value()
+        if have:
+            return value
+        held.append(x)
+        return x._source()
+
+    return replace(args, swap), replace(kwargs, swap), held
+
+
+def _is_source(x: Any) -> bool:
+    return isinstance(x, LazySource)
+
+
+def _inspected_lazy(dispatcher: Dispatcher, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a placeholder sits where the dispatch strategy looks."""
+    if dispatcher.inspects == "none":
+        return False
+    values = [*args, *kwargs.values()]
+    if dispatcher.inspects == "all":
+        return any(contains(v, _is_source) for v in values)
+    if any(isinstance(v, LazySource) for v in values):
+        return True
+    if dispatcher.inspects == "dicts":
+
+        def in_dicts(v: Any) -> bool:
+            return isinstance(v, dict) and any(isinstance(x, LazySource) or in_dicts(x) for x in v.values())
+
+        return any(in_dicts(v) for v in values)
+    return False
+
+
+def invoke(
+    caller: Caller,
+    target: CallTarget,
+    spec: MethodSpec,
+    fn: Callable[..., Any] | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    lazy: bool,
+    notify: Callable[[str], None] | None,
+    closed: Callable[[], bool],
+    remote_name: str | None = None,
+) -> Any:
+    """Run ``spec`` on ``target``'s ranks; return a LazyResult, or the value when not lazy."""
+    if closed():
+        raise ComponentClosedError(
+            f"{target.label}.{spec.name}: the component was closed (or its session shut down); "
+            f"build it again after initialize()"
+        )
+    site = caller_site()
+    if fn is not None:
+        check_arguments(fn, f"{target.label}.{spec.name}", args, kwargs)
+    ranks, addresses = target.ranks, target.addresses
+    if spec.execute == "first":
+        ranks, addresses = ranks[:1], addresses[:1]
+    n = len(ranks)
+    args, kwargs, held = prepare_inputs(args, kwargs)
+    has_sources = bool(held)
+    remote_dispatch = None
+    if spec.execute == "first" or n == 1 and spec.dispatcher.inspects == "none":
+        pairs = [(args, kwargs)] * n
+    elif has_sources and _inspected_lazy(spec.dispatcher, args, kwargs):
+        pairs = [(args, kwargs)] * n
+        remote_dispatch = pack((spec.dispatcher, n, target.mesh), f"dispatch {spec.dispatcher.name!r}")
+    else:
+        pairs = spec.dispatcher(n, args, kwargs, target.mesh)
+    packed: dict[int, Any] = {}
+    payloads = []
+    what = f"the arguments of {target.label}.{spec.name}"
+    for pair in pairs:
+        key = id(pair)
+        if key not in packed:
+            packed[key] = pack(pair, what)
+        payloads.append(packed[key])
+
+    keep = lazy
+    inline = INLINE_SMALL if lazy else INLINE_ALL
+    call_id = caller.next_call_id()
+    info = CallInfo(
+        cid=target.cid,
+        label=target.label,
+        group=target.group,
+        method=spec.name,
+        call_id=call_id,
+        ranks=ranks,
+        addresses=addresses,
+        collect=spec.collect,
+        collector=spec.collector,
+        mesh=target.mesh,
+        keep=keep,
+        timeout=spec.timeout,
+        site=site,
+    )
+    result = LazyResult._create(caller, info, held, notify)
+    method = remote_name or spec.name
+    msgs = []
+    for slot, payload in enumerate(payloads):
+        msg = {"t": "call", "c": target.cid, "k": call_id, "m": method, "p": payload,
+               "keep": keep, "inl": inline, "lz": has_sources}
+        if remote_dispatch is not None:
+            msg["rd"], msg["ri"] = remote_dispatch, slot
+        msgs.append(msg)
+
+    def send() -> None:
+        for slot, msg in enumerate(msgs):
+            caller.request(addresses[slot], msg).add_done_callback(functools.partial(result._on_reply, slot))
+
+    caller.post(send)
+    logger.debug("%s.%s call %d sent to %d rank(s)", target.label, spec.name, call_id, n)
+    if not lazy:
+        return result.result()
+    if spec.sync:
+        result._wait(None)
+        result._raise_if_failed()
+    return result

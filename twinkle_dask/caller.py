@@ -1,0 +1,143 @@
+"""The process-side engine that issues calls: channels, call ids and releases.
+
+The driver has one :class:`Caller` on the Dask client's event loop; every
+worker has one on its own loop (used when a component calls or fetches from
+another component). User threads never touch a channel: they hand closures to
+the loop through a :class:`LoopInbox`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from .channel import Channel, LoopInbox
+from .exceptions import WorkerLostError
+
+__all__ = ["Caller"]
+
+logger = logging.getLogger(__name__)
+
+
+class Caller:
+    """Issues requests to workers from one process.
+
+    Parameters
+    ----------
+    loop : asyncio.AbstractEventLoop
+        The running event loop the channels live on.
+    connection_args : dict
+        From the client's or worker's ``Security``.
+    in_worker : bool
+        True on a worker (calls made there collect eagerly, as in Twinkle).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        connection_args: dict[str, Any],
+        *,
+        in_worker: bool,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.loop = loop
+        self.connection_args = connection_args
+        self.in_worker = in_worker
+        self.connect_timeout = connect_timeout
+        self.inbox = LoopInbox(loop)
+        self.closed = False
+        self._channels: dict[str, Channel] = {}
+        self._ids = itertools.count(1)
+        self._id_lock = threading.Lock()
+        self._releases: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        self._release_scheduled = False
+
+    # ------------------------------------------------------------------ ids
+    def next_call_id(self) -> int:
+        with self._id_lock:
+            return next(self._ids)
+
+    # ------------------------------------------------------------------ loop side
+    def channel(self, address: str) -> Channel:
+        """The channel to ``address`` (loop thread only); a lost one is replaced."""
+        ch = self._channels.get(address)
+        if ch is None or ch.lost is not None:
+            ch = Channel(address, self.connection_args, self.connect_timeout)
+            self._channels[address] = ch
+        return ch
+
+    def request(self, address: str, msg: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        """Send a request from the loop thread."""
+        return self.channel(address).request(msg)
+
+    # ------------------------------------------------------------------ any thread
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop, soon."""
+        if self.closed:
+            raise RuntimeError("caller is closed")
+        self.inbox.post(fn)
+
+    def request_threadsafe(self, address: str, msg: dict[str, Any]) -> concurrent.futures.Future[dict[str, Any]]:
+        """Send a request from any thread; the returned future is thread-safe."""
+        out: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+
+        def send() -> None:
+            fut = self.request(address, msg)
+
+            def done(f: asyncio.Future[dict[str, Any]]) -> None:
+                if f.cancelled():
+                    out.cancel()
+                elif f.exception() is not None:
+                    out.set_exception(f.exception())  # type: ignore[arg-type]
+                else:
+                    out.set_result(f.result())
+
+            fut.add_done_callback(done)
+
+        try:
+            self.post(send)
+        except RuntimeError:
+            out.set_exception(WorkerLostError(address, reason="the session is shut down"))
+        return out
+
+    def release(self, cid: str, call_id: int, addresses: tuple[str, ...]) -> None:
+        """Tell the workers that a kept result is no longer needed (batched)."""
+        if self.closed:
+            return
+
+        def queue() -> None:
+            for address in addresses:
+                self._releases[address].append((cid, call_id))
+            if not self._release_scheduled:
+                self._release_scheduled = True
+                self.loop.call_later(0.02, self._flush_releases)
+
+        try:
+            self.inbox.post(queue)
+        except RuntimeError:  # loop already closed at interpreter exit
+            pass
+
+    def _flush_releases(self) -> None:
+        self._release_scheduled = False
+        pending, self._releases = self._releases, defaultdict(list)
+        for address, items in pending.items():
+            ch = self._channels.get(address)
+            if ch is None or ch.lost is not None:
+                continue
+            by_cid: dict[str, list[int]] = defaultdict(list)
+            for cid, call_id in items:
+                by_cid[cid].append(call_id)
+            for cid, ids in by_cid.items():
+                ch.send({"t": "rel", "c": cid, "ids": ids})
+
+    async def aclose(self) -> None:
+        """Close every channel (loop thread)."""
+        self.closed = True
+        channels, self._channels = list(self._channels.values()), {}
+        await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)

@@ -1,0 +1,233 @@
+"""Starting a local cluster for the device groups, or mapping them onto an existing one.
+
+Local: one scheduler in the driver process (bound to localhost) and one
+worker *subprocess* per group rank, named ``<group>-<i>`` and tagged with the
+Dask resource ``twinkle-<group>``. Existing: group ranks are mapped onto the
+cluster's workers, preferring workers already tagged for a group
+(``dask worker --resources twinkle-<group>=1``) and tagging the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+from distributed import Client, Scheduler, SpecCluster
+from distributed.deploy.spec import ProcessInterface
+
+from .exceptions import ConfigurationError
+from .mesh import ResolvedGroup
+from .runtime import GroupPlacement
+from .worker import TwinklePlugin
+
+__all__ = ["ClusterConnection", "connect_cluster", "resource_name", "start_local_cluster"]
+
+logger = logging.getLogger(__name__)
+
+
+def resource_name(group: str) -> str:
+    """The Dask resource that tags the workers of ``group``."""
+    return f"twinkle-{group}"
+
+
+def _worker_name(group: str, index: int) -> str:
+    return f"{group}-{index}"
+
+
+@dataclass
+class ClusterConnection:
+    """A client, the cluster it owns (if any), and where each group's workers are."""
+
+    client: Client
+    cluster: SpecCluster | None
+    placements: dict[str, GroupPlacement]
+    owns_client: bool
+
+
+class WorkerProcess(ProcessInterface):
+    """A Dask worker in a subprocess of the driver (``python -m twinkle_dask._launch``)."""
+
+    def __init__(self, scheduler: str, name: str, resources: dict[str, float], env: dict[str, str],
+                 host: str = "127.0.0.1") -> None:
+        self.scheduler = scheduler
+        self.worker_name = name
+        self.resources = resources
+        self.env = env
+        self.host = host
+        self.process: asyncio.subprocess.Process | None = None
+        super().__init__()
+
+    async def start(self) -> None:
+        cmd = [sys.executable, "-m", "twinkle_dask._launch", self.scheduler, "--name", self.worker_name,
+               "--host", self.host, "--resources", json.dumps(self.resources), "--parent", str(os.getpid())]
+        self.process = await asyncio.create_subprocess_exec(*cmd, env=self.env, stdin=asyncio.subprocess.DEVNULL)
+        await super().start()
+
+    async def close(self) -> None:
+        proc = self.process
+        if proc is not None and proc.returncode is None:
+            try:
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    child.kill()
+            except psutil.Error:
+                pass
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+        self.process = None
+        await super().close()
+
+
+def _worker_env(group: ResolvedGroup, index: int) -> dict[str, str]:
+    env = dict(os.environ)
+    path = [os.getcwd() if p == "" else p for p in sys.path]
+    existing = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = os.pathsep.join(path + ([existing] if existing else []))
+    env["PYTHONUNBUFFERED"] = "1"
+    env["CLUSTER_NAME"] = group.name
+    env["TWINKLE_GROUP"] = group.name
+    env["TWINKLE_GROUP_INDEX"] = str(index)
+    env.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    env["DASK_DISTRIBUTED__WORKER__DAEMON"] = "False"
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def start_local_cluster(
+    groups: Sequence[ResolvedGroup],
+    *,
+    dashboard_address: str | None = "127.0.0.1:8787",
+    start_timeout: float = 120.0,
+) -> ClusterConnection:
+    """Start a scheduler in this process and one worker subprocess per group rank."""
+    for group in groups:
+        if group.is_gpu:
+            raise ConfigurationError(
+                f"DeviceGroup {group.name!r} asks for GPUs; GPU groups need dask-cuda and a GPU "
+                f"(install twinkle-dask[cuda])"
+            )
+    scheduler = {
+        "cls": Scheduler,
+        "options": {
+            "host": "127.0.0.1",
+            "port": 0,
+            "dashboard": dashboard_address is not None,
+            "dashboard_address": dashboard_address or ":0",
+        },
+    }
+    workers: dict[str, Any] = {}
+    for group in groups:
+        for index in range(group.num_workers):
+            workers[_worker_name(group.name, index)] = {
+                "cls": WorkerProcess,
+                "options": {
+                    "resources": {resource_name(group.name): 1},
+                    "env": _worker_env(group, index),
+                },
+            }
+    cluster = SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING,
+                          name="twinkle-dask", asynchronous=False)
+    try:
+        client = Client(cluster, direct_to_workers=True, set_as_default=True)
+        client.wait_for_workers(len(workers), timeout=start_timeout)
+        placements = _placements_by_name(client, groups)
+    except BaseException:
+        cluster.close(timeout=10)
+        raise
+    return ClusterConnection(client, cluster, placements, owns_client=True)
+
+
+def _natural(name: Any) -> tuple[Any, ...]:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(name)))
+
+
+def _placements_by_name(client: Client, groups: Sequence[ResolvedGroup]) -> dict[str, GroupPlacement]:
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    by_name = {str(w["name"]): (addr, w) for addr, w in info.items()}
+    out = {}
+    for group in groups:
+        chosen = [by_name[_worker_name(group.name, i)] for i in range(group.num_workers)]
+        out[group.name] = GroupPlacement(
+            group.name, group.device_type, tuple(a for a, _ in chosen), tuple(w["host"] for _, w in chosen),
+            group.devices, group.gpus_per_worker,
+        )
+    return out
+
+
+async def _tag_worker(dask_worker: Any, resources: dict[str, float]) -> None:
+    await dask_worker.set_resources(**{**dask_worker.state.total_resources, **resources})
+
+
+def connect_cluster(
+    groups: Sequence[ResolvedGroup],
+    *,
+    address: str | None = None,
+    client: Client | None = None,
+    security: Any = None,
+) -> ClusterConnection:
+    """Map the groups onto the workers of an existing cluster."""
+    owns = client is None
+    if client is None:
+        client = Client(address, security=security, direct_to_workers=True, set_as_default=False)
+    try:
+        try:
+            client.register_plugin(TwinklePlugin(), name=TwinklePlugin.name)
+        except Exception as exc:
+            raise ConfigurationError(
+                f"could not install the twinkle extension on the cluster's workers ({exc}); install "
+                f"twinkle-dask where the workers run, or start them with --preload twinkle_dask.worker"
+            ) from exc
+        placements = map_groups(client, groups)
+    except BaseException:
+        if owns:
+            client.close()
+        raise
+    return ClusterConnection(client, None, placements, owns_client=owns)
+
+
+def map_groups(client: Client, groups: Sequence[ResolvedGroup]) -> dict[str, GroupPlacement]:
+    """Choose and tag the workers of each group on an existing cluster."""
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    workers = sorted(info.items(), key=lambda kv: (kv[1]["host"], _natural(kv[1].get("name", kv[0]))))
+    tagged: dict[str, list[str]] = {}
+    untagged: list[str] = []
+    for addr, w in workers:
+        tags = [r for r in (w.get("resources") or {}) if r.startswith("twinkle-")]
+        if tags:
+            for tag in tags:
+                tagged.setdefault(tag[len("twinkle-"):], []).append(addr)
+        else:
+            untagged.append(addr)
+    out: dict[str, GroupPlacement] = {}
+    for group in groups:
+        have = sorted(tagged.get(group.name, []), key=lambda a: _natural(info[a].get("name", a)))
+        need = group.num_workers
+        if len(have) < need:
+            extra = need - len(have)
+            if len(untagged) < extra:
+                raise ConfigurationError(
+                    f"group {group.name!r} needs {need} worker(s) but the cluster has "
+                    f"{len(have)} tagged for it and {len(untagged)} untagged left; start more "
+                    f"workers, or tag them with `dask worker --resources {resource_name(group.name)}=1`"
+                )
+            take, untagged = untagged[:extra], untagged[extra:]
+            client.run(_tag_worker, resources={resource_name(group.name): 1}, workers=take)
+            have = have + take
+        chosen = have[:need]
+        out[group.name] = GroupPlacement(
+            group.name, group.device_type, tuple(chosen), tuple(info[a]["host"] for a in chosen),
+            group.devices, group.gpus_per_worker,
+        )
+    return out

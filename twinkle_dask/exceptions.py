@@ -1,0 +1,162 @@
+"""Exceptions raised by twinkle_dask.
+
+Every exception the library raises on its own account derives from
+:class:`TwinkleDaskError`. Most also derive from the built-in type a Twinkle
+user would catch (``ValueError``, ``TimeoutError``, ...), so ``except
+ValueError`` keeps working when porting code::
+
+    TwinkleDaskError
+    ├── ConfigurationError (ValueError)      bad option, group, mesh or name
+    │   └── DispatchError                    inputs that cannot be dispatched
+    ├── NotInitializedError (RuntimeError)   no session, or a shut-down one
+    ├── NotRemoteMethodError (AttributeError) undecorated method on a handle
+    ├── SerializationError (TypeError)       an argument or result that cannot travel
+    ├── CallTimeoutError (TimeoutError)      a call's ``timeout`` expired
+    ├── WorkerLostError (RuntimeError)       a worker died or cannot be reached
+    ├── ComponentClosedError (RuntimeError)  a call on a closed component
+    └── RemoteError (RuntimeError)           a remote exception whose type
+                                             cannot be rebuilt in the driver
+
+Exceptions raised by user code inside a component are re-raised in the driver
+with their *original* type; the remote traceback and the component, method and
+rank travel with them as exception notes (``BaseException.add_note``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "CallTimeoutError",
+    "ComponentClosedError",
+    "ConfigurationError",
+    "DispatchError",
+    "NotInitializedError",
+    "NotRemoteMethodError",
+    "RemoteError",
+    "SerializationError",
+    "TwinkleDaskError",
+    "WorkerLostError",
+]
+
+
+class TwinkleDaskError(Exception):
+    """Base class of every exception raised by twinkle_dask itself."""
+
+
+class ConfigurationError(TwinkleDaskError, ValueError):
+    """An option, group, mesh or strategy name is not valid."""
+
+
+class DispatchError(ConfigurationError):
+    """A call's inputs cannot be dispatched to the target ranks."""
+
+
+class NotInitializedError(TwinkleDaskError, RuntimeError):
+    """No twinkle_dask session is running (or it was shut down)."""
+
+
+class NotRemoteMethodError(TwinkleDaskError, AttributeError):
+    """An attribute that is not a ``@remote_function`` was read on a handle."""
+
+    def __init__(self, cls_name: str, attr: str, *, is_method: bool) -> None:
+        self.cls_name = cls_name
+        self.attr = attr
+        self.is_method = is_method
+        super().__init__(cls_name, attr)
+
+    def __str__(self) -> str:
+        if self.is_method:
+            return (
+                f"{self.cls_name}.{self.attr} is not a remote method: the instances live in the "
+                f"group's workers and the handle only forwards methods decorated with "
+                f"@remote_function. Decorate {self.cls_name}.{self.attr} with "
+                f"@remote_function(...) to call it through the handle."
+            )
+        return (
+            f"{self.cls_name}.{self.attr} lives on the remote instances, not on the handle. "
+            f"Return it from a @remote_function method to read it in the driver."
+        )
+
+
+class SerializationError(TwinkleDaskError, TypeError):
+    """An argument or a result cannot be serialized to travel between processes."""
+
+
+class CallTimeoutError(TwinkleDaskError, TimeoutError):
+    """A call did not finish on every rank within its ``timeout``."""
+
+    def __init__(
+        self, component: str, method: str, timeout: float, pending_ranks: Sequence[int]
+    ) -> None:
+        self.component = component
+        self.method = method
+        self.timeout = timeout
+        self.pending_ranks = tuple(pending_ranks)
+        super().__init__(component, method, timeout, self.pending_ranks)
+
+    def __str__(self) -> str:
+        ranks = ", ".join(str(r) for r in self.pending_ranks)
+        return (
+            f"{self.component}.{self.method} did not finish within {self.timeout:g} s: "
+            f"rank(s) {ranks} did not answer. The call keeps running on those ranks; raise "
+            f"the timeout (remote_function(timeout=...) or .options(timeout=...)) if it is "
+            f"expected to take longer."
+        )
+
+
+class WorkerLostError(TwinkleDaskError, RuntimeError):
+    """The worker hosting a rank died or cannot be reached."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        group: str | None = None,
+        rank: int | None = None,
+        component: str | None = None,
+        reason: str = "",
+    ) -> None:
+        self.address = address
+        self.group = group
+        self.rank = rank
+        self.component = component
+        self.reason = reason
+        super().__init__(address, group, rank, component, reason)
+
+    def __str__(self) -> str:
+        where = []
+        if self.component:
+            where.append(f"component {self.component}")
+        if self.group is not None:
+            where.append(f"group {self.group!r}")
+        if self.rank is not None:
+            where.append(f"rank {self.rank}")
+        head = ", ".join(where) or "a component"
+        tail = f": {self.reason}" if self.reason else ""
+        return f"the worker at {self.address} hosting {head} was lost{tail}"
+
+
+class ComponentClosedError(TwinkleDaskError, RuntimeError):
+    """A call was made on a component that was closed or whose session ended."""
+
+
+class RemoteError(TwinkleDaskError, RuntimeError):
+    """A remote exception whose original type could not be rebuilt in the driver.
+
+    Attributes
+    ----------
+    type_name : str
+        The qualified name of the original exception type.
+    remote_traceback : str
+        The traceback text captured on the worker.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str = "") -> None:
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+        super().__init__(type_name, message, remote_traceback)
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}"

@@ -1,0 +1,418 @@
+"""LazyResult: the value of a remote call that stays on the workers until needed."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import html
+import logging
+import threading
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import add_note, decode_error
+from .caller import Caller
+from .channel import unpack
+from .collect import MISSING, Collector, collect
+from .exceptions import CallTimeoutError, WorkerLostError
+from .lazy import LazySource, Meta
+from .mesh import DeviceMesh
+
+__all__ = ["LazyResult"]
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_COLLECTS = frozenset({"none", "flatten", "mean", "avg", "sum", "first", "last_pp", "last_pp_first"})
+
+
+@dataclass(frozen=True, slots=True)
+class CallInfo:
+    """What one call was: who, where, and how its results are collected."""
+
+    cid: str
+    label: str
+    group: str
+    method: str
+    call_id: int
+    ranks: tuple[int, ...]
+    addresses: tuple[str, ...]
+    collect: Any
+    collector: Collector
+    mesh: DeviceMesh | None
+    keep: bool
+    timeout: float | None
+    site: str | None
+
+    def where(self, slot: int) -> str:
+        return (
+            f"raised by {self.label}.{self.method} on rank {self.ranks[slot]} of group "
+            f"{self.group!r} ({self.addresses[slot]})"
+        )
+
+
+class Outcome:
+    """One rank's answer to a call."""
+
+    __slots__ = ("error", "fields", "has_value", "meta", "ok", "packed", "stop", "value")
+
+    def __init__(self) -> None:
+        self.ok = False
+        self.meta: Meta | None = None
+        self.packed: Any = None
+        self.has_value = False
+        self.value: Any = None
+        self.stop = False
+        self.fields: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+    @classmethod
+    def from_reply(cls, reply: dict[str, Any]) -> Outcome:
+        out = cls()
+        out.ok = bool(reply.get("ok"))
+        out.stop = bool(reply.get("s"))
+        if out.ok:
+            out.meta = Meta.from_wire(reply.get("m"))
+            if "v" in reply:
+                out.packed = reply["v"]
+                out.has_value = True
+        else:
+            out.fields = reply
+        return out
+
+    @classmethod
+    def lost(cls, exc: BaseException) -> Outcome:
+        out = cls()
+        out.error = exc
+        return out
+
+    def get(self) -> Any:
+        if self.packed is not None:
+            self.value = unpack(self.packed)
+            self.packed = None
+        return self.value
+
+
+def _call_site_note(site: str | None) -> str:
+    return f"called from {site}" if site else ""
+
+
+class LazyResult:
+    """The result of a remote call, collected when it is needed.
+
+    Calling it (``r()``) waits for every rank, collects their results with
+    the method's collect strategy and returns the value; the value is cached.
+    ``r.result(timeout=...)``, ``r.done()`` and ``await r`` work too. Passed
+    into another component's method, the data goes worker to worker.
+
+    Not constructed by users: remote method calls return it.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_caller",
+        "_done",
+        "_error",
+        "_info",
+        "_inputs",
+        "_lock",
+        "_notify",
+        "_observed",
+        "_outcomes",
+        "_released",
+        "_remaining",
+        "_value",
+        "_value_set",
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("LazyResult is returned by remote method calls; it cannot be built directly")
+
+    @classmethod
+    def _create(
+        cls,
+        caller: Caller,
+        info: CallInfo,
+        inputs: list[LazyResult],
+        notify: Callable[[str], None] | None,
+    ) -> LazyResult:
+        self = object.__new__(cls)
+        self._caller = caller
+        self._info = info
+        self._inputs = inputs or None
+        self._notify = notify
+        self._outcomes: list[Outcome | None] = [None] * len(info.ranks)
+        self._remaining = len(info.ranks)
+        self._done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._value: Any = None
+        self._value_set = False
+        self._error: BaseException | None = None
+        self._observed = False
+        self._released = not info.keep
+        self._lock = threading.Lock()
+        return self
+
+    # ------------------------------------------------------------------ loop side
+    def _on_reply(self, slot: int, fut: asyncio.Future[dict[str, Any]]) -> None:
+        if fut.cancelled():
+            outcome = Outcome.lost(WorkerLostError(self._info.addresses[slot], reason="call cancelled"))
+        elif fut.exception() is not None:
+            exc = fut.exception()
+            if isinstance(exc, WorkerLostError):
+                exc = WorkerLostError(
+                    exc.address,
+                    group=self._info.group,
+                    rank=self._info.ranks[slot],
+                    component=f"{self._info.label}.{self._info.method}",
+                    reason=exc.reason,
+                )
+            outcome = Outcome.lost(exc)  # type: ignore[arg-type]
+        else:
+            outcome = Outcome.from_reply(fut.result())
+        self._outcomes[slot] = outcome
+        self._remaining -= 1
+        if self._remaining == 0:
+            self._inputs = None
+            failed = [i for i, o in enumerate(self._outcomes) if o is not None and not o.ok]
+            if failed and self._notify is not None:
+                self._notify(self._failure_message(failed))
+            self._done.set_result(None)
+
+    def _failure_message(self, failed: list[int]) -> str:
+        first = self._outcomes[failed[0]]
+        assert first is not None
+        if first.error is not None:
+            what = f"{type(first.error).__name__}: {first.error}"
+        else:
+            assert first.fields is not None
+            what = f"{first.fields.get('tn', 'Exception')}: {first.fields.get('msg', '')}"
+        ranks = [self._info.ranks[i] for i in failed]
+        site = f" (called from {self._info.site})" if self._info.site else ""
+        return f"{self._info.label}.{self._info.method} failed on rank(s) {ranks}: {what}{site}"
+
+    # ------------------------------------------------------------------ waiting
+    def done(self) -> bool:
+        """Whether every rank has answered."""
+        return self._done.done()
+
+    def _wait(self, timeout: float | None) -> None:
+        timeout = self._info.timeout if timeout is None else timeout
+        try:
+            self._done.result(timeout)
+        except concurrent.futures.TimeoutError:
+            pending = [self._info.ranks[i] for i, o in enumerate(self._outcomes) if o is None]
+            raise CallTimeoutError(self._info.label, self._info.method, timeout or 0.0, pending) from None
+
+    def _raise_if_failed(self) -> None:
+        if self._error is None:
+            for slot, outcome in enumerate(self._outcomes):
+                assert outcome is not None
+                if outcome.ok:
+                    continue
+                if outcome.error is not None:
+                    exc = add_note(outcome.error, self._info.where(slot))
+                    if self._info.site:
+                        add_note(exc, _call_site_note(self._info.site))
+                else:
+                    assert outcome.fields is not None
+                    exc = decode_error(outcome.fields, self._info.where(slot), _call_site_note(self._info.site))
+                self._error = exc
+                break
+        if self._error is not None:
+            self._observed = True
+            raise self._error
+
+    def _fetch(self, slots: list[int], deadline: float | None) -> None:
+        futures = {}
+        for slot in slots:
+            outcome = self._outcomes[slot]
+            assert outcome is not None
+            if not outcome.has_value:
+                msg = {"t": "f", "c": self._info.cid, "k": self._info.call_id, "p": [], "r": None}
+                futures[slot] = self._caller.request_threadsafe(self._info.addresses[slot], msg)
+        for slot, fut in futures.items():
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                reply = fut.result(remaining)
+            except concurrent.futures.TimeoutError:
+                raise CallTimeoutError(
+                    self._info.label, self._info.method, self._info.timeout or 0.0, [self._info.ranks[slot]]
+                ) from None
+            except WorkerLostError as exc:
+                raise WorkerLostError(
+                    exc.address,
+                    group=self._info.group,
+                    rank=self._info.ranks[slot],
+                    component=f"{self._info.label}.{self._info.method}",
+                    reason=exc.reason,
+                ) from None
+            if not reply.get("ok"):
+                raise decode_error(reply, self._info.where(slot), _call_site_note(self._info.site))
+            outcome = self._outcomes[slot]
+            assert outcome is not None
+            outcome.packed, outcome.has_value = reply.get("v"), True
+
+    def _values(self, slots: list[int], timeout: float | None) -> list[Any]:
+        timeout = self._info.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._wait(timeout)
+        self._raise_if_failed()
+        self._fetch(slots, deadline)
+        values = []
+        for slot in slots:
+            outcome = self._outcomes[slot]
+            assert outcome is not None
+            values.append(outcome.get())
+        return values
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for every rank, collect the results and return the value (cached).
+
+        Parameters
+        ----------
+        timeout : float, optional
+            Seconds to wait; defaults to the method's ``timeout``.
+
+        Raises
+        ------
+        CallTimeoutError
+            If some rank did not answer in time (they are named).
+        Exception
+            The first remote exception, with its original type and notes
+            naming the component, method, rank and call site.
+        WorkerLostError
+            If a rank's worker died.
+        """
+        with self._lock:
+            if self._value_set:
+                return self._value
+            n = len(self._info.ranks)
+            needed = self._info.collector.needed(n, self._info.mesh)
+            fetched = dict(zip(needed, self._values(needed, timeout)))
+            results = [fetched.get(i, MISSING) for i in range(n)]
+            self._observed = True
+            try:
+                value = collect(self._info.collector, results, self._info.mesh)
+            except Exception as exc:
+                add_note(exc, f"while collecting {self._info.label}.{self._info.method} with "
+                         f"collect={self._info.collector.name!r}")
+                raise
+            self._value, self._value_set = value, True
+            self._release()
+            return value
+
+    __call__ = result
+
+    def per_rank(self, timeout: float | None = None) -> list[Any]:
+        """The uncollected per-rank results, in rank order."""
+        values = self._values(list(range(len(self._info.ranks))), timeout)
+        self._observed = True
+        return values
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._await().__await__()
+
+    async def _await(self) -> Any:
+        if not self._value_set:
+            await asyncio.wrap_future(self._done)
+        return await asyncio.get_running_loop().run_in_executor(None, self.result)
+
+    # Twinkle's lazy results can be iterated and measured after collecting.
+    def __iter__(self) -> Any:
+        return iter(self.result())
+
+    def __len__(self) -> int:
+        return len(self.result())
+
+    # ------------------------------------------------------------------ hand-off
+    def _stopped(self) -> bool:
+        """For iteration: whether any rank's iterator was exhausted."""
+        return any(o is not None and o.stop for o in self._outcomes)
+
+    def _local_value(self) -> tuple[bool, Any]:
+        """The collected value if it can be had without fetching: (True, value)."""
+        if self._value_set:
+            return True, self._value
+        if not self._done.done():
+            return False, None
+        n = len(self._info.ranks)
+        needed = self._info.collector.needed(n, self._info.mesh)
+        outcomes = self._outcomes
+        if any(o is None or not o.ok for o in outcomes):
+            return False, None
+        if not all(outcomes[i].has_value for i in needed):  # type: ignore[union-attr]
+            return False, None
+        try:
+            return True, self.result()
+        except Exception:
+            return False, None
+
+    def _source(self) -> LazySource:
+        info = self._info
+        metas: tuple[Meta | None, ...] | None = None
+        if self._done.done():
+            metas = tuple(o.meta if o is not None and o.ok else None for o in self._outcomes)
+        spec = info.collect
+        collect_spec = spec if isinstance(spec, str) and spec in BUILTIN_COLLECTS else info.collector
+        return LazySource(info.cid, info.call_id, info.addresses, collect_spec, info.mesh,
+                          f"{info.label}.{info.method}", metas)
+
+    # ------------------------------------------------------------------ lifetime
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._caller.release(self._info.cid, self._info.call_id, self._info.addresses)
+
+    def __del__(self) -> None:
+        try:
+            if not self._observed and not self._caller.closed and self._done.done() and any(
+                o is not None and not o.ok for o in self._outcomes
+            ):
+                logger.warning("%s.%s failed and its result was never collected",
+                               self._info.label, self._info.method)
+            self._release()
+        except Exception:  # interpreter shutdown
+            pass
+
+    # ------------------------------------------------------------------ display
+    def _status(self) -> str:
+        if self._value_set:
+            return "collected"
+        if not self._done.done():
+            return f"pending ({len(self._info.ranks) - self._remaining}/{len(self._info.ranks)} ranks done)"
+        if any(o is not None and not o.ok for o in self._outcomes):
+            return "failed"
+        return "finished"
+
+    def __repr__(self) -> str:
+        info = self._info
+        return (
+            f"<LazyResult {info.label}.{info.method} ranks={list(info.ranks)} "
+            f"collect={info.collector.name!r} {self._status()}>"
+        )
+
+    def _repr_html_(self) -> str:
+        info = self._info
+        rows = "".join(
+            f"<tr><td>{r}</td><td>{html.escape(a)}</td><td>{html.escape(self._rank_status(i))}</td></tr>"
+            for i, (r, a) in enumerate(zip(info.ranks, info.addresses))
+        )
+        return (
+            f"<div><strong>LazyResult</strong> {html.escape(info.label)}.{html.escape(info.method)} "
+            f"&middot; group <code>{html.escape(info.group)}</code> &middot; collect "
+            f"<code>{html.escape(info.collector.name)}</code> &middot; {html.escape(self._status())}"
+            f"<table><tr><th>rank</th><th>worker</th><th>state</th></tr>{rows}</table></div>"
+        )
+
+    def _rank_status(self, slot: int) -> str:
+        o = self._outcomes[slot]
+        if o is None:
+            return "running"
+        if not o.ok:
+            return "failed"
+        meta = o.meta
+        if meta is None:
+            return "done"
+        size = f" len={meta.length}" if meta.length is not None else ""
+        return f"done ({meta.kind}{size})"

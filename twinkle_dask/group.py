@@ -1,0 +1,483 @@
+"""Components in a device group's workers, and the handle the driver holds.
+
+``Cls(..., remote_group='g')`` lands in :func:`create_component`: it places
+one instance per chosen worker of group ``g`` (a free MASTER_PORT is taken on
+rank 0's host first, so ``torch.distributed`` can rendezvous), builds them
+there, and returns a handle. The handle is an instance of a subclass of
+``Cls`` whose ``@remote_function`` methods forward to the ranks; other
+methods raise :class:`~twinkle_dask.exceptions.NotRemoteMethodError`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import html
+import inspect
+import logging
+import types
+import uuid
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from . import runtime
+from ._errors import decode_error
+from .call import CallTarget, caller_site, invoke, prepare_inputs
+from .channel import pack
+from .exceptions import (
+    ComponentClosedError,
+    ConfigurationError,
+    NotInitializedError,
+    NotRemoteMethodError,
+    WorkerLostError,
+)
+from .identity import Identity, get_rank, get_world_size
+from .mesh import DeviceMesh
+from .specs import SPEC_ATTR, ClassSpec, MethodSpec, class_spec, method_spec, prepare_init_arguments
+
+__all__ = ["ComponentHandle", "ComponentRef", "RemoteMethod", "close_component", "create_component"]
+
+logger = logging.getLogger(__name__)
+
+_ITER_DEFAULT = MethodSpec("__iter__", dispatch="all", collect="none")
+_LEN_SPEC = MethodSpec("__len__", dispatch="all", execute="first", collect="first", lazy_collect=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentRef:
+    """A built component: its class, where its instances live, and its mesh."""
+
+    cid: str
+    cls: type
+    group: str
+    execute: str
+    ranks: tuple[int, ...]
+    addresses: tuple[str, ...]
+    mesh: DeviceMesh | None
+    session_id: str
+
+    @property
+    def label(self) -> str:
+        return self.cls.__name__
+
+    @property
+    def target(self) -> CallTarget:
+        return CallTarget(self.cid, self.label, self.group, self.ranks, self.addresses, self.mesh)
+
+
+def peer_slice(target_size: int, rank: int, world_size: int) -> slice:
+    """Twinkle's ``Platform.get_peer_index``: the ranks one of ``world_size`` creators takes."""
+    rank = max(rank, 0)
+    world_size = max(world_size, 1)
+    if target_size < world_size:
+        start = rank % target_size
+        return slice(start, start + 1)
+    k, m = divmod(target_size, world_size)
+    return slice(rank * k + min(rank, m), (rank + 1) * k + min(rank + 1, m))
+
+
+# --------------------------------------------------------------------------- creation
+def _wait_all(futures: list[concurrent.futures.Future[dict[str, Any]]]) -> list[Any]:
+    out: list[Any] = []
+    for fut in futures:
+        try:
+            out.append(fut.result())
+        except Exception as exc:
+            out.append(exc)
+    return out
+
+
+def create_component(session: Any, klass: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Build ``klass`` in a group's workers and return its handle."""
+    kwargs = dict(kwargs)
+    group = kwargs.pop("remote_group")
+    kwargs.pop("instance_id", None)
+    cspec = class_spec(klass) or ClassSpec()
+    place = session.placement(group)
+    site = caller_site()
+    n_workers = len(place.addresses)
+    if cspec.execute == "all":
+        picked = list(range(n_workers))
+    elif cspec.execute == "first":
+        picked = [0]
+    else:
+        picked = list(range(n_workers))[peer_slice(n_workers, get_rank(), get_world_size())]
+    args, kwargs, mesh = prepare_init_arguments(klass, args, kwargs, session.global_mesh)
+    if cspec.execute == "first":
+        mesh = DeviceMesh.from_sizes(dp_size=1, device_type=place.device_type)
+        if cspec.mesh_param:
+            args = tuple(a for a in args if not isinstance(a, DeviceMesh))
+            kwargs[cspec.mesh_param] = mesh
+    n = len(picked)
+    if mesh is not None and cspec.execute != "first":
+        allowed = {n, n * place.gpus_per_worker}
+        if mesh.world_size not in allowed:
+            raise ConfigurationError(
+                f"{klass.__name__}: the DeviceMesh has world size {mesh.world_size} but group "
+                f"{group!r} gives it {n} rank(s); pass a mesh of {n} ranks, e.g. "
+                f"DeviceMesh.from_sizes(dp_size={n})"
+            )
+    args, kwargs, held = prepare_inputs(args, kwargs)
+    payload = pack((klass, args, kwargs, session.session_info()), f"the constructor arguments of {klass.__name__}")
+    cid = f"{group}-{klass.__name__}-{uuid.uuid4().hex[:10]}"
+    addresses = tuple(place.addresses[i] for i in picked)
+    hosts = [place.hosts[i] for i in picked]
+    caller = session.caller
+
+    port_reply = caller.request_threadsafe(addresses[0], {"t": "port"}).result()
+    master_addr, master_port = hosts[0], int(port_reply["port"])
+    futures = []
+    for rank, (index, address) in enumerate(zip(picked, addresses)):
+        if place.is_gpu:
+            local_rank, local_world = 0, 1
+        else:
+            local_rank = hosts[:rank].count(hosts[rank])
+            local_world = hosts.count(hosts[rank])
+        ident = Identity(rank, n, local_rank, local_world, master_addr, master_port, group,
+                         f"{group}-{klass.__name__}-{rank}")
+        msg = {"t": "new", "c": cid, "p": payload, "id": list(_identity_wire(ident)),
+               "lbl": klass.__name__, "lz": bool(held)}
+        futures.append(caller.request_threadsafe(address, msg))
+    replies = _wait_all(futures)
+    failure = None
+    for rank, reply in enumerate(replies):
+        if isinstance(reply, BaseException):
+            exc: BaseException = reply
+            if isinstance(reply, WorkerLostError):
+                exc = WorkerLostError(reply.address, group=group, rank=rank,
+                                      component=f"{klass.__name__}.__init__", reason=reply.reason)
+        elif not reply.get("ok"):
+            exc = decode_error(reply, f"raised by {klass.__name__}.__init__ on rank {rank} of group "
+                               f"{group!r} ({addresses[rank]})", f"called from {site}" if site else "")
+        else:
+            continue
+        failure = exc
+        break
+    del held
+    ref = ComponentRef(cid, klass, group, cspec.execute, tuple(range(n)), addresses, mesh,
+                       getattr(session, "session_id", ""))
+    if failure is not None:
+        _send_close(caller, ref)
+        raise failure
+    session.track(ref)
+    logger.info("built %s on group %r ranks %s", klass.__name__, group, list(picked))
+    return make_handle(ref, group)
+
+
+def _identity_wire(ident: Identity) -> tuple[Any, ...]:
+    return (ident.rank, ident.world_size, ident.local_rank, ident.local_world_size,
+            ident.master_addr, ident.master_port, ident.group, ident.worker_name)
+
+
+def identity_from_wire(wire: list[Any]) -> Identity:
+    return Identity(*wire)
+
+
+def _send_close(caller: Any, ref: ComponentRef) -> list[concurrent.futures.Future[dict[str, Any]]]:
+    return [caller.request_threadsafe(a, {"t": "close", "c": ref.cid}) for a in ref.addresses]
+
+
+def close_component(handle_or_ref: Any, timeout: float = 10.0) -> None:
+    """Destroy a component's instances on its workers; later calls raise ComponentClosedError."""
+    ref = handle_or_ref if isinstance(handle_or_ref, ComponentRef) else _state(handle_or_ref)
+    session = runtime.current()
+    if session is None or session.mode != "dask":
+        return
+    futures = _send_close(session.caller, ref)
+    concurrent.futures.wait(futures, timeout=timeout)
+    untrack = getattr(session, "untrack", None)
+    if untrack is not None:
+        untrack(ref)
+
+
+# --------------------------------------------------------------------------- handle
+def _state(handle: Any) -> ComponentRef:
+    return object.__getattribute__(handle, "_twinkle_ref")
+
+
+def _session_for(ref: ComponentRef, what: str) -> Any:
+    session = runtime.current()
+    if session is None:
+        raise NotInitializedError(
+            f"{ref.label}.{what}: twinkle_dask is not initialized; call "
+            f"twinkle_dask.initialize('dask', groups=...) before using components"
+        )
+    if session.mode != "dask" or session.closed:
+        raise ComponentClosedError(
+            f"{ref.label}.{what}: the session that built this component was shut down; build the "
+            f"component again after initialize()"
+        )
+    is_open = getattr(session, "is_open", None)
+    if is_open is not None and not is_open(ref):
+        raise ComponentClosedError(
+            f"{ref.label}.{what}: the component was closed (or belongs to an earlier session); "
+            f"build it again"
+        )
+    return session
+
+
+def _lazy_for(handle: Any, spec: MethodSpec, session: Any) -> bool:
+    if session.in_worker:
+        return False
+    inst = object.__getattribute__(handle, "__dict__")
+    if "_lazy_collect" in inst:
+        return bool(inst["_lazy_collect"])
+    if spec.lazy_collect is not None:
+        return spec.lazy_collect
+    return bool(session.lazy_collect)
+
+
+def _call(handle: Any, spec: MethodSpec, fn: Callable[..., Any] | None, args: tuple[Any, ...],
+          kwargs: dict[str, Any], *, lazy: bool | None = None, remote_name: str | None = None) -> Any:
+    ref = _state(handle)
+    session = _session_for(ref, spec.name)
+    if lazy is None:
+        lazy = _lazy_for(handle, spec, session)
+    return invoke(
+        session.caller, ref.target, spec, fn, args, kwargs,
+        lazy=lazy, notify=session.notify, closed=lambda: session.closed,
+        remote_name=remote_name,
+    )
+
+
+class RemoteMethod:
+    """A ``@remote_function`` method bound to a handle.
+
+    Calling it runs the method on the component's ranks. ``.options(...)``
+    returns a copy with per-call overrides (``dispatch``, ``execute``,
+    ``collect``, ``sync``, ``lazy_collect``, ``timeout``).
+    """
+
+    __slots__ = ("_fn", "_handle", "_spec")
+
+    def __init__(self, handle: Any, spec: MethodSpec, fn: Callable[..., Any]) -> None:
+        self._handle = handle
+        self._spec = spec
+        self._fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _call(self._handle, self._spec, self._fn, args, kwargs)
+
+    def options(self, **options: Any) -> RemoteMethod:
+        """A copy of this method with some of its decorator options overridden for one call.
+
+        Examples
+        --------
+        >>> model.forward.options(collect="first")(batch)  # doctest: +SKIP
+        """
+        return RemoteMethod(self._handle, self._spec.with_options(**options), self._fn)
+
+    @property
+    def __name__(self) -> str:
+        return self._spec.name
+
+    @property
+    def __doc__(self) -> str | None:  # type: ignore[override]
+        return self._fn.__doc__
+
+    def __repr__(self) -> str:
+        s = self._spec
+        return (f"<remote method {_state(self._handle).label}.{s.name} dispatch={s.dispatcher.name!r} "
+                f"execute={s.execute!r} collect={s.collector.name!r}>")
+
+
+class _RemoteMethodDescriptor:
+    def __init__(self, spec: MethodSpec, fn: Callable[..., Any]) -> None:
+        self.spec = spec
+        self.fn = fn
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self.fn
+        return RemoteMethod(obj, self.spec, self.fn)
+
+
+class _LocalOnlyDescriptor:
+    def __init__(self, cls_name: str, name: str, original: Any, is_method: bool) -> None:
+        self.cls_name = cls_name
+        self.name = name
+        self.original = original
+        self.is_method = is_method
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self.original
+        raise NotRemoteMethodError(self.cls_name, self.name, is_method=self.is_method)
+
+
+class ComponentHandle:
+    """Base of every handle class: the driver's view of a component."""
+
+    _twinkle_cls: type
+    _twinkle_ref: ComponentRef
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Python calls __init__ after __new__ returned the handle; nothing to do.
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        cls = type(self)._twinkle_cls
+        # A descriptor's AttributeError lands here too: tell methods from data.
+        is_method = inspect.isfunction(inspect.getattr_static(cls, name, None))
+        raise NotRemoteMethodError(cls.__name__, name, is_method=is_method)
+
+    def __repr__(self) -> str:
+        ref = _state(self)
+        mesh = f" mesh={ref.mesh!r}" if ref.mesh is not None else ""
+        return f"<{ref.label} handle group={ref.group!r} ranks={len(ref.ranks)}{mesh}>"
+
+    def _repr_html_(self) -> str:
+        ref = _state(self)
+        methods = sorted(name for name, _ in _remote_methods(type(self)._twinkle_cls))
+        rows = "".join(
+            f"<tr><td>{r}</td><td>{html.escape(a)}</td></tr>" for r, a in zip(ref.ranks, ref.addresses)
+        )
+        return (
+            f"<div><strong>{html.escape(ref.label)}</strong> on group <code>{html.escape(ref.group)}"
+            f"</code> (execute={html.escape(ref.execute)!s}"
+            + (f", {html.escape(repr(ref.mesh))}" if ref.mesh is not None else "")
+            + f")<br>remote methods: {html.escape(', '.join(methods)) or '(none)'}"
+            f"<table><tr><th>rank</th><th>worker</th></tr>{rows}</table></div>"
+        )
+
+    def __reduce__(self) -> Any:
+        inst = object.__getattribute__(self, "__dict__")
+        return (_rebuild_handle, (_state(self), inst.get("remote_group")))
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self.__reduce__()
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ComponentHandle) and _state(other).cid == _state(self).cid
+
+    def __hash__(self) -> int:
+        return hash(_state(self).cid)
+
+    def __len__(self) -> int:
+        cls = type(self)._twinkle_cls
+        if not hasattr(cls, "__len__"):
+            raise TypeError(f"object of type {cls.__name__!r} has no len()")
+        return int(_call(self, _LEN_SPEC, None, (), {}, lazy=False))
+
+    def __iter__(self) -> Iterator[Any]:
+        cls = type(self)._twinkle_cls
+        if not hasattr(cls, "__iter__"):
+            raise TypeError(f"{cls.__name__!r} object is not iterable")
+        spec = method_spec(cls.__iter__) or _ITER_DEFAULT
+        return _HandleIterator(self, spec)
+
+    def __dir__(self) -> list[str]:
+        names = {name for name, _ in _remote_methods(type(self)._twinkle_cls)}
+        return sorted(names | {"remote_group", "device_mesh"})
+
+
+class _HandleIterator:
+    """Driver-side iteration: ``__next__`` on the target ranks until one is exhausted."""
+
+    def __init__(self, handle: Any, spec: MethodSpec) -> None:
+        self._handle = handle
+        self._spec = spec
+        start = MethodSpec("__iter__", dispatch="all", execute=spec.execute, collect="none",
+                           timeout=spec.timeout)
+        _call(handle, start, None, (), {}, lazy=False)
+        self._next = MethodSpec("__next__", dispatch="all", execute=spec.execute, collect=spec.collect,
+                                lazy_collect=spec.lazy_collect, timeout=spec.timeout)
+        self._done = False
+
+    def __iter__(self) -> _HandleIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        session = _session_for(_state(self._handle), "__next__")
+        lazy = _lazy_for(self._handle, self._next, session)
+        result = _call(self._handle, self._next, None, (), {}, lazy=True, remote_name="__twinkle_next__")
+        result._wait(None)
+        result._raise_if_failed()
+        if result._stopped():
+            self._done = True
+            result._release()
+            raise StopIteration
+        return result if lazy else result.result()
+
+
+def _rebuild_handle(ref: ComponentRef, remote_group: str | None) -> Any:
+    return make_handle(ref, remote_group)
+
+
+# --------------------------------------------------------------------------- handle classes
+_OWN = frozenset(
+    {"__init__", "__new__", "__getattr__", "__getattribute__", "__setattr__", "__delattr__",
+     "__repr__", "__str__", "_repr_html_", "__reduce__", "__reduce_ex__", "__getstate__", "__setstate__",
+     "__copy__", "__deepcopy__", "__bool__", "__eq__", "__ne__", "__hash__", "__len__", "__iter__",
+     "__next__", "__dir__", "__del__", "__init_subclass__", "__class_getitem__", "__subclasshook__",
+     "__dict__", "__weakref__", "__module__", "__doc__", "__qualname__", "__slots__", "__annotations__",
+     "__abstractmethods__", "_abc_impl", "__class__", "__format__", "__sizeof__", "__firstlineno__",
+     "__static_attributes__", SPEC_ATTR}
+)
+
+
+def _user_attributes(cls: type) -> Iterator[tuple[str, Any]]:
+    seen: set[str] = set()
+    for base in cls.__mro__:
+        if base is object:
+            continue
+        for name, attr in vars(base).items():
+            if name not in seen:
+                seen.add(name)
+                yield name, attr
+
+
+def _remote_methods(cls: type) -> Iterator[tuple[str, MethodSpec]]:
+    for name, attr in _user_attributes(cls):
+        spec = method_spec(attr) if inspect.isfunction(attr) else None
+        if spec is not None and name not in _OWN:
+            yield name, spec
+
+
+_RESERVED = ("remote_group", "device_mesh")
+_handle_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
+
+
+def handle_class(cls: type) -> type:
+    """The handle class for ``cls``: a subclass whose remote methods forward to the ranks."""
+    cached = _handle_classes.get(cls)
+    if cached is not None:
+        return cached
+    namespace: dict[str, Any] = {"_twinkle_cls": cls, "__doc__": cls.__doc__, "__module__": cls.__module__}
+    for name, attr in _user_attributes(cls):
+        if name in _OWN:
+            continue
+        spec = method_spec(attr) if inspect.isfunction(attr) else None
+        if spec is not None:
+            if name in _RESERVED:
+                raise ConfigurationError(
+                    f"{cls.__name__}.{name} is a @remote_function but {name!r} is an attribute of "
+                    f"every handle; rename the method"
+                )
+            namespace[name] = _RemoteMethodDescriptor(spec, attr)
+        elif inspect.isfunction(attr) or isinstance(attr, (property, types.MemberDescriptorType)):
+            namespace[name] = _LocalOnlyDescriptor(cls.__name__, name, attr, inspect.isfunction(attr))
+    try:
+        made = types.new_class(cls.__name__, (ComponentHandle, cls), exec_body=lambda ns: ns.update(namespace))
+        object.__new__(made)
+    except Exception:
+        made = types.new_class(cls.__name__, (ComponentHandle,), exec_body=lambda ns: ns.update(namespace))
+    made.__qualname__ = cls.__qualname__
+    _handle_classes[cls] = made
+    return made
+
+
+def make_handle(ref: ComponentRef, remote_group: str | None) -> Any:
+    handle = object.__new__(handle_class(ref.cls))
+    object.__setattr__(handle, "_twinkle_ref", ref)
+    object.__setattr__(handle, "remote_group", remote_group)
+    object.__setattr__(handle, "device_mesh", ref.mesh)
+    return handle

@@ -1,0 +1,306 @@
+"""``initialize`` and ``shutdown``: the lifetime of a twinkle_dask session."""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import runtime
+from ._seed import seed_everything
+from .caller import Caller
+from .cluster import ClusterConnection, connect_cluster, start_local_cluster
+from .exceptions import ConfigurationError
+from .group import ComponentRef, create_component
+from .mesh import DeviceGroup, DeviceMesh, resolve_groups
+from .runtime import GroupPlacement, LocalSession
+
+__all__ = ["DaskSession", "initialize", "shutdown"]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("local", "dask")
+
+
+class DaskSession:
+    """The driver's session in ``mode='dask'``."""
+
+    mode = "dask"
+    in_worker = False
+
+    def __init__(
+        self,
+        *,
+        connection: ClusterConnection,
+        groups: list[DeviceGroup],
+        seed: int,
+        full_determinism: bool,
+        global_mesh: DeviceMesh | None,
+        lazy_collect: bool,
+        name: str | None,
+        notifier: Callable[[str], Any] | None,
+        config: tuple[Any, ...],
+    ) -> None:
+        self.session_id = uuid.uuid4().hex
+        self.connection = connection
+        self.client = connection.client
+        self.groups = groups
+        self.seed = seed
+        self.full_determinism = full_determinism
+        self.global_mesh = global_mesh
+        self.lazy_collect = lazy_collect
+        self.name = name
+        self.config = config
+        self.closed = False
+        self._components: dict[str, ComponentRef] = {}
+        self._caller = Caller(self.client.loop.asyncio_loop, self.client.connection_args, in_worker=False)
+        self._notifier = notifier
+        self._notify_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.notify = self._notify if notifier is not None else None
+
+    # ------------------------------------------------------------------ Session protocol
+    @property
+    def caller(self) -> Caller:
+        return self._caller
+
+    @property
+    def placements(self) -> dict[str, GroupPlacement]:
+        return self.connection.placements
+
+    def placement(self, group: str) -> GroupPlacement:
+        try:
+            return self.connection.placements[group]
+        except KeyError:
+            raise ConfigurationError(
+                f"unknown remote_group {group!r}; known groups are {sorted(self.connection.placements)}"
+            ) from None
+
+    def builds_remotely(self, group: str) -> bool:
+        self.placement(group)
+        return True
+
+    def build(self, klass: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return create_component(self, klass, args, kwargs)
+
+    def session_info(self) -> dict[str, Any]:
+        return {
+            "groups": dict(self.connection.placements),
+            "seed": self.seed,
+            "full_determinism": self.full_determinism,
+            "global_mesh": self.global_mesh,
+            "session_id": self.session_id,
+        }
+
+    def track(self, ref: ComponentRef) -> None:
+        self._components[ref.cid] = ref
+        for group in self.groups:
+            if group.name == ref.group and ref.mesh is not None:
+                group._device_mesh[ref.label] = ref.mesh
+
+    def untrack(self, ref: ComponentRef) -> None:
+        self._components.pop(ref.cid, None)
+
+    def is_open(self, ref: ComponentRef) -> bool:
+        return not self.closed and ref.cid in self._components
+
+    # ------------------------------------------------------------------ notifications
+    def _notify(self, message: str) -> None:
+        if self._notify_pool is None:
+            self._notify_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="twinkle-notify")
+        self._notify_pool.submit(self._deliver, message)
+
+    def _deliver(self, message: str) -> None:
+        prefix = f"[{self.name}] " if self.name else ""
+        try:
+            assert self._notifier is not None
+            self._notifier(prefix + message)
+        except Exception:
+            logger.warning("twinkle_dask: the notifier raised", exc_info=True)
+
+    # ------------------------------------------------------------------ shutdown
+    def close(self, timeout: float = 20.0) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        futures = [
+            self._caller.request_threadsafe(addr, {"t": "close", "c": ref.cid})
+            for ref in self._components.values()
+            for addr in ref.addresses
+        ]
+        concurrent.futures.wait(futures, timeout=min(timeout, 10.0))
+        self._components.clear()
+        try:
+            self.client.sync(self._caller.aclose, callback_timeout=5)
+        except Exception:
+            logger.debug("twinkle_dask: closing channels timed out", exc_info=True)
+        if self._notify_pool is not None:
+            self._notify_pool.shutdown(wait=False)
+        conn = self.connection
+        if conn.owns_client:
+            try:
+                conn.client.close(timeout=5)
+            except Exception:
+                logger.debug("twinkle_dask: closing the client failed", exc_info=True)
+        if conn.cluster is not None:
+            try:
+                conn.cluster.close(timeout=timeout)
+            except Exception:
+                logger.warning("twinkle_dask: closing the local cluster failed", exc_info=True)
+
+
+def _check_groups(groups: Any) -> list[DeviceGroup]:
+    if groups is None:
+        raise ConfigurationError(
+            "initialize('dask') needs groups=[DeviceGroup(name=..., ranks=..., device_type=...)]"
+        )
+    if isinstance(groups, DeviceGroup):
+        groups = [groups]
+    groups = list(groups)
+    if not groups:
+        raise ConfigurationError("initialize('dask') needs at least one DeviceGroup")
+    return groups
+
+
+def initialize(
+    mode: str = "local",
+    *,
+    groups: Sequence[DeviceGroup] | None = None,
+    global_device_mesh: DeviceMesh | None = None,
+    lazy_collect: bool = True,
+    seed: int = 42,
+    full_determinism: bool = False,
+    name: str | None = None,
+    notifier: Callable[[str], Any] | None = None,
+    address: str | None = None,
+    client: Any = None,
+    nproc_per_node: int | None = None,
+    ncpu_proc_per_node: int | None = None,
+    dashboard_address: str | None = "127.0.0.1:8787",
+    security: Any = None,
+) -> Any:
+    """Start twinkle_dask, in-process (``'local'``) or on a Dask cluster (``'dask'``).
+
+    Parameters
+    ----------
+    mode : {'local', 'dask'}, default 'local'
+        ``'local'``: decorated classes are plain objects, methods plain calls.
+        ``'dask'``: components are built in the groups' workers.
+    groups : list of DeviceGroup
+        Required for ``'dask'``. Without ``address``/``client`` a local cluster
+        is started with one worker process per group rank.
+    global_device_mesh : DeviceMesh, optional
+        The mesh given to components whose ``__init__`` takes a ``DeviceMesh``
+        and got none.
+    lazy_collect : bool, default True
+        Whether remote calls return lazy results by default.
+    seed : int, default 42
+        Seeds the driver now and every component rank before ``__init__``.
+    full_determinism : bool, default False
+        Also ask torch for deterministic kernels.
+    name : str, optional
+        A name for this run, prefixed to notifier messages.
+    notifier : callable, optional
+        Called with one message per failed call.
+    address : str, optional
+        The scheduler of an existing cluster to use.
+    client : distributed.Client, optional
+        An existing client to use (not closed at shutdown).
+    nproc_per_node, ncpu_proc_per_node : int, optional
+        Accepted for Twinkle compatibility; the groups decide the workers.
+    dashboard_address : str or None, default '127.0.0.1:8787'
+        Where the local cluster serves the Dask dashboard (None: no dashboard).
+    security : distributed.Security, optional
+        TLS settings for connecting to a secured scheduler.
+
+    Returns
+    -------
+    distributed.Client or None
+        The client in ``'dask'`` mode (its notebook repr links the dashboard).
+
+    Raises
+    ------
+    ConfigurationError
+        For an unknown mode, missing or invalid groups, or a second
+        ``initialize`` with other settings before ``shutdown()``.
+
+    Examples
+    --------
+    >>> import twinkle_dask as twinkle
+    >>> from twinkle_dask import DeviceGroup
+    >>> twinkle.initialize('dask', groups=[DeviceGroup(name='default', ranks=4, device_type='cpu')])  # doctest: +SKIP
+    <Client: 'tcp://127.0.0.1:...' processes=4 threads=4>
+    """
+    if mode not in MODES:
+        hint = " (twinkle_dask runs Twinkle's 'ray' mode on Dask: use mode='dask')" if mode == "ray" else ""
+        raise ConfigurationError(f"unknown mode {mode!r}; valid modes are {list(MODES)}{hint}")
+    if global_device_mesh is not None and not isinstance(global_device_mesh, DeviceMesh):
+        raise ConfigurationError(f"global_device_mesh must be a DeviceMesh, got {global_device_mesh!r}")
+    if notifier is not None and not callable(notifier):
+        raise ConfigurationError(f"notifier must be a callable taking a string, got {notifier!r}")
+    current = runtime.process_session()
+    if mode == "local":
+        if isinstance(current, DaskSession) and not current.closed:
+            raise ConfigurationError(
+                "twinkle_dask is already initialized in 'dask' mode; call twinkle_dask.shutdown() "
+                "before initialize('local')"
+            )
+        local_groups = list(groups) if groups is not None else []
+        seed_everything(seed, full_determinism)
+        runtime.set_process_session(LocalSession(
+            seed=seed, full_determinism=full_determinism, global_mesh=global_device_mesh,
+            lazy_collect=lazy_collect, groups=local_groups,
+        ))
+        return None
+
+    device_groups = _check_groups(groups)
+    resolved = resolve_groups(device_groups)
+    config = (tuple((g.name, g.num_ranks, g.device_type.lower(), g.gpus_per_worker) for g in device_groups),
+              address, id(client))
+    if isinstance(current, DaskSession) and not current.closed:
+        if current.config == config:
+            current.seed, current.lazy_collect = seed, lazy_collect
+            current.global_mesh, current.full_determinism = global_device_mesh, full_determinism
+            return current.client
+        raise ConfigurationError(
+            f"twinkle_dask is already initialized with groups {[g.name for g in current.groups]}; call "
+            f"twinkle_dask.shutdown() first to start again with other groups"
+        )
+    seed_everything(seed, full_determinism)
+    if address is not None or client is not None:
+        connection = connect_cluster(resolved, address=address, client=client, security=security)
+    else:
+        connection = start_local_cluster(resolved, dashboard_address=dashboard_address)
+    session = DaskSession(
+        connection=connection, groups=device_groups, seed=seed, full_determinism=full_determinism,
+        global_mesh=global_device_mesh, lazy_collect=lazy_collect, name=name, notifier=notifier,
+        config=config,
+    )
+    runtime.set_process_session(session)
+    _register_atexit()
+    logger.info("twinkle_dask session started: groups %s", [g.name for g in device_groups])
+    return connection.client
+
+
+_atexit_registered = False
+
+
+def _register_atexit() -> None:
+    global _atexit_registered
+    if not _atexit_registered:
+        atexit.register(shutdown)
+        _atexit_registered = True
+
+
+def shutdown(timeout: float = 30.0) -> None:
+    """Close the session: destroy the components, and stop the local cluster if initialize started one.
+
+    Safe to call more than once; completes within about ``timeout`` seconds
+    even if a worker hangs.
+    """
+    session = runtime.process_session()
+    runtime.set_process_session(None)
+    if isinstance(session, DaskSession):
+        session.close(timeout)

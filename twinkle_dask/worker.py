@@ -1,0 +1,473 @@
+"""The worker side: hosting component ranks, running their calls, serving their results.
+
+Every worker that runs twinkle components carries a :class:`TwinkleWorker`
+extension, installed by the ``twinkle_dask.worker`` preload (``dask worker
+--preload twinkle_dask.worker``) or by :class:`TwinklePlugin`. Each component
+rank on the worker is a :class:`RankHost`: one dedicated thread that runs the
+rank's ``__init__`` and methods strictly in the order the calls arrived, while
+the worker's event loop keeps answering fetches of earlier results and
+resolving the lazy inputs of later calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import queue
+import socket
+import threading
+from collections import defaultdict
+from typing import Any
+
+from dask.sizeof import sizeof
+from distributed import WorkerPlugin
+from distributed.comm import CommClosedError
+from distributed.core import Status
+
+from . import identity as _identity
+from . import runtime
+from ._errors import decode_error, encode_error
+from ._seed import seed_everything
+from .call import INLINE_ALL, INLINE_BYTES, INLINE_SMALL
+from .caller import Caller
+from .channel import HANDLER, ServerEnd, pack, unpack
+from .exceptions import ComponentClosedError, ConfigurationError, SerializationError
+from .group import create_component, identity_from_wire
+from .lazy import Meta
+from .resolve import Resolver, extract
+
+__all__ = ["TwinklePlugin", "TwinkleWorker", "dask_setup"]
+
+logger = logging.getLogger(__name__)
+
+#: How long a fetch waits for a call that has not reached this worker yet.
+ARRIVAL_TIMEOUT = 120.0
+
+
+class WorkerContext:
+    """The session as component code on a worker sees it (calls collect eagerly)."""
+
+    mode = "dask"
+    in_worker = True
+    lazy_collect = False
+    notify = None
+    closed = False
+
+    def __init__(self, ext: TwinkleWorker, group: str) -> None:
+        self._ext = ext
+        self.group = group
+        self.info: dict[str, Any] = {"groups": {}, "seed": 42, "full_determinism": False, "global_mesh": None}
+
+    @property
+    def caller(self) -> Caller:
+        return self._ext.caller
+
+    @property
+    def seed(self) -> int:
+        return int(self.info["seed"])
+
+    @property
+    def full_determinism(self) -> bool:
+        return bool(self.info["full_determinism"])
+
+    @property
+    def global_mesh(self) -> Any:
+        return self.info["global_mesh"]
+
+    def builds_remotely(self, group: str) -> bool:
+        return group != self.group
+
+    def build(self, klass: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return create_component(self, klass, args, kwargs)
+
+    def placement(self, group: str) -> runtime.GroupPlacement:
+        groups = self.info["groups"]
+        if group not in groups:
+            raise ConfigurationError(f"unknown remote_group {group!r}; known groups are {sorted(groups)}")
+        return groups[group]
+
+    def session_info(self) -> dict[str, Any]:
+        return self.info
+
+    def track(self, ref: Any) -> None:
+        self._ext.children.append(ref)
+
+
+class Job:
+    """One unit of work for a rank's thread: its construction, or one call."""
+
+    __slots__ = ("args", "end", "error", "kind", "kwargs", "msg", "payload", "ready")
+
+    def __init__(self, kind: str, msg: dict[str, Any], end: ServerEnd) -> None:
+        self.kind = kind
+        self.msg = msg
+        self.end = end
+        self.ready: threading.Event | None = None
+        self.payload: Any = None
+        self.args: Any = None
+        self.kwargs: Any = None
+        self.error: BaseException | None = None
+
+
+class RankOutcome:
+    """A finished call on this rank: its value (kept for fetches) or its error."""
+
+    __slots__ = ("error", "meta", "ok", "packed", "stop", "value")
+
+    def __init__(self, ok: bool, value: Any = None, meta: Meta | None = None, packed: Any = None,
+                 error: dict[str, Any] | None = None, stop: bool = False) -> None:
+        self.ok = ok
+        self.value = value
+        self.meta = meta
+        self.packed = packed
+        self.error = error
+        self.stop = stop
+
+
+class RankHost:
+    """One component rank on this worker: its instance, its thread, its results."""
+
+    def __init__(self, ext: TwinkleWorker, cid: str, label: str, ident: _identity.Identity, owner: ServerEnd) -> None:
+        self.ext = ext
+        self.cid = cid
+        self.label = label
+        self.identity = ident
+        self.owner = owner
+        self.loop = ext.loop
+        self.context = WorkerContext(ext, ident.group)
+        self.instance: Any = None
+        self.iterator: Any = None
+        self.results: dict[int, RankOutcome] = {}
+        self.waiters: dict[int, list[asyncio.Future[RankOutcome]]] = defaultdict(list)
+        self.pending: set[int] = set()
+        self.released_early: set[int] = set()
+        self.max_id = 0
+        self.closed = False
+        self._aloop: asyncio.AbstractEventLoop | None = None
+        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._main, name=f"twinkle-{label}-rank{ident.rank}", daemon=True
+        )
+        self._thread.start()
+
+    # ------------------------------------------------------------------ loop side
+    def submit(self, job: Job) -> None:
+        msg = job.msg
+        if job.kind == "call" and msg.get("keep"):
+            k = msg["k"]
+            self.max_id = max(self.max_id, k)
+            self.pending.add(k)
+        if msg.get("lz") or msg.get("rd"):
+            job.ready = threading.Event()
+            self.loop.create_task(self._resolve(job))
+        self._queue.put(job)
+
+    async def _resolve(self, job: Job) -> None:
+        assert job.ready is not None
+        try:
+            resolver = self.ext.resolver()
+            msg = job.msg
+            payload = unpack(msg["p"])
+            if job.kind == "new":
+                klass, args, kwargs, info = payload
+                args, kwargs = await resolver.materialize((args, kwargs))
+                job.payload = (klass, args, kwargs, info)
+            elif msg.get("rd") is not None:
+                dispatcher, n, mesh = unpack(msg["rd"])
+                args, kwargs = payload
+                job.args, job.kwargs = await resolver.remote_dispatch(dispatcher, n, msg["ri"], mesh, args, kwargs)
+            else:
+                job.args, job.kwargs = await resolver.materialize(payload)
+        except BaseException as exc:
+            job.error = exc
+        finally:
+            job.ready.set()
+
+    def _finished(self, job: Job, outcome: RankOutcome) -> None:
+        msg = job.msg
+        if job.kind == "call" and msg.get("keep"):
+            k = msg["k"]
+            self.pending.discard(k)
+            if k in self.released_early:
+                self.released_early.discard(k)
+            elif not self.closed:
+                self.results[k] = outcome
+            for fut in self.waiters.pop(k, ()):
+                if not fut.done():
+                    fut.set_result(outcome)
+        fields: dict[str, Any] = {"ok": outcome.ok}
+        if outcome.ok:
+            fields["m"] = outcome.meta.to_wire() if outcome.meta is not None else None
+            if outcome.packed is not None:
+                fields["v"] = outcome.packed
+            if outcome.stop:
+                fields["s"] = True
+        else:
+            fields.update(outcome.error or {})
+        outcome.packed = None
+        job.end.reply(msg["i"], **fields)
+
+    def release(self, ids: list[int]) -> None:
+        for k in ids:
+            if self.results.pop(k, None) is None and k in self.pending:
+                self.released_early.add(k)
+
+    async def outcome(self, k: int) -> RankOutcome:
+        """The outcome of kept call ``k``, waiting for it if it is still to come."""
+        found = self.results.get(k)
+        if found is not None:
+            return found
+        if self.closed:
+            raise ComponentClosedError(f"{self.label} rank {self.identity.rank} was closed")
+        if k in self.pending or k > self.max_id:
+            fut: asyncio.Future[RankOutcome] = self.loop.create_future()
+            self.waiters[k].append(fut)
+            timeout = None if k in self.pending else ARRIVAL_TIMEOUT
+            return await asyncio.wait_for(fut, timeout)
+        raise LookupError(
+            f"the result of call {k} on {self.label} rank {self.identity.rank} is no longer held: it "
+            f"was collected or released; keep the LazyResult alive while it is being passed on"
+        )
+
+    def close(self) -> None:
+        self.closed = True
+        self.results.clear()
+        for futs in self.waiters.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_exception(ComponentClosedError(f"{self.label} rank {self.identity.rank} was closed"))
+        self.waiters.clear()
+        self._queue.put(None)
+
+    # ------------------------------------------------------------------ thread side
+    def _main(self) -> None:
+        runtime.enter_worker_context(self.context)
+        while True:
+            job = self._queue.get()
+            if job is None:
+                break
+            if job.ready is not None:
+                job.ready.wait()
+            _identity.enter(self.identity)
+            outcome = self._construct(job) if job.kind == "new" else self._call(job)
+            try:
+                self.loop.call_soon_threadsafe(self._finished, job, outcome)
+            except RuntimeError:  # worker loop closed
+                break
+        self.instance = self.iterator = None
+        if self._aloop is not None:
+            self._aloop.close()
+
+    def _construct(self, job: Job) -> RankOutcome:
+        try:
+            if job.error is not None:
+                raise job.error
+            klass, args, kwargs, info = job.payload if job.payload is not None else unpack(job.msg["p"])
+            self.context.info = info
+            seed_everything(self.context.seed, self.context.full_determinism)
+            self.instance = klass(*args, **kwargs)
+            try:
+                self.instance.remote_group = self.identity.group
+            except AttributeError:
+                pass
+            return RankOutcome(True)
+        except BaseException as exc:
+            return RankOutcome(False, error=encode_error(exc))
+
+    def _call(self, job: Job) -> RankOutcome:
+        msg = job.msg
+        name = msg["m"]
+        try:
+            if job.error is not None:
+                raise job.error
+            if job.args is not None:
+                args, kwargs = job.args, job.kwargs
+            else:
+                args, kwargs = unpack(msg["p"])
+            if self.instance is None:
+                raise ComponentClosedError(f"{self.label} rank {self.identity.rank} has no instance")
+            if name == "__twinkle_next__":
+                if self.iterator is None:
+                    raise RuntimeError(f"{self.label}: iteration was not started on this rank")
+                try:
+                    value = next(self.iterator)
+                except StopIteration:
+                    return RankOutcome(True, meta=Meta("none"), stop=True)
+            elif name == "__iter__":
+                self.iterator = iter(self.instance)
+                value = None
+            elif name == "__len__":
+                value = len(self.instance)
+            else:
+                value = getattr(self.instance, name)(*args, **kwargs)
+                if inspect.isawaitable(value):
+                    value = self._run_async(value)
+            return self._ok(value, msg["inl"], name)
+        except BaseException as exc:
+            return RankOutcome(False, error=encode_error(exc))
+
+    def _ok(self, value: Any, inline: int, name: str) -> RankOutcome:
+        packed = None
+        if inline == INLINE_ALL or (inline == INLINE_SMALL and sizeof(value) <= INLINE_BYTES):
+            try:
+                packed = pack(value, f"the result of {self.label}.{name} on rank {self.identity.rank}")
+            except SerializationError:
+                if inline == INLINE_ALL:
+                    raise
+        return RankOutcome(True, value, Meta.of(value), packed)
+
+    def _run_async(self, awaitable: Any) -> Any:
+        if self._aloop is None:
+            self._aloop = asyncio.new_event_loop()
+        return self._aloop.run_until_complete(awaitable)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+class TwinkleWorker:
+    """The twinkle extension of a Dask worker."""
+
+    name = "twinkle"
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.loop: asyncio.AbstractEventLoop = worker.loop.asyncio_loop
+        self.hosts: dict[str, RankHost] = {}
+        self.children: list[Any] = []
+        #: Counters for tests and benchmarks: results served to other processes.
+        self.stats = {"fetches": 0, "fetch_bytes": 0, "calls": 0}
+        self.caller = Caller(self.loop, worker.connection_args, in_worker=True)
+        worker.handlers[HANDLER] = self.handle_comm
+        worker.extensions[self.name] = self
+
+    def resolver(self) -> Resolver:
+        async def request(address: str, msg: dict[str, Any]) -> dict[str, Any]:
+            return await self.caller.request(address, msg)
+
+        return Resolver(self.worker.address, request, self._read_local)
+
+    async def _read_local(self, cid: str, call_id: int, index: int, path: tuple[Any, ...], rng: Any) -> Any:
+        host = self._host(cid)
+        outcome = await host.outcome(call_id)
+        if not outcome.ok:
+            raise decode_error(outcome.error or {}, f"input produced by {host.label} on rank {index}")
+        return extract(outcome.value, path, rng)
+
+    def _host(self, cid: str) -> RankHost:
+        host = self.hosts.get(cid)
+        if host is None:
+            raise ComponentClosedError(
+                f"component {cid} is not on worker {self.worker.address}: it was closed, or its worker "
+                f"was restarted"
+            )
+        return host
+
+    async def handle_comm(self, comm: Any, **_: Any) -> Any:
+        comm.deserialize = False
+        end = ServerEnd(comm)
+        try:
+            while True:
+                batch = await comm.read()
+                for msg in batch:
+                    self._on_message(msg, end)
+        except (CommClosedError, OSError):
+            pass
+        finally:
+            for cid in [c for c, h in self.hosts.items() if h.owner is end]:
+                self._close(cid)
+        return Status.dont_reply
+
+    def _on_message(self, msg: dict[str, Any], end: ServerEnd) -> None:
+        kind = msg["t"]
+        i = msg.get("i")
+        try:
+            if kind == "call":
+                self._host(msg["c"]).submit(Job("call", msg, end))
+                self.stats["calls"] += 1
+            elif kind == "f":
+                self.loop.create_task(self._serve_fetch(msg, end))
+            elif kind == "mt":
+                self.loop.create_task(self._serve_meta(msg, end))
+            elif kind == "rel":
+                host = self.hosts.get(msg["c"])
+                if host is not None:
+                    host.release(msg["ids"])
+            elif kind == "new":
+                ident = identity_from_wire(msg["id"])
+                if msg["c"] in self.hosts:
+                    raise RuntimeError(f"component {msg['c']} already exists on this worker")
+                host = RankHost(self, msg["c"], msg["lbl"], ident, end)
+                self.hosts[msg["c"]] = host
+                host.submit(Job("new", msg, end))
+            elif kind == "close":
+                self._close(msg["c"])
+                end.reply(i, ok=True)
+            elif kind == "port":
+                end.reply(i, ok=True, port=_free_port())
+            elif kind == "ping":
+                end.reply(i, ok=True, n=len(self.hosts))
+            elif kind == "stats":
+                held = sum(len(h.results) for h in self.hosts.values())
+                end.reply(i, ok=True, stats=dict(self.stats, hosts=len(self.hosts), held=held))
+            else:
+                raise ValueError(f"unknown twinkle message {kind!r}")
+        except Exception as exc:
+            if i is not None:
+                end.reply(i, ok=False, **encode_error(exc))
+            else:
+                logger.warning("twinkle: could not handle %r message: %s", kind, exc)
+
+    async def _serve_fetch(self, msg: dict[str, Any], end: ServerEnd) -> None:
+        try:
+            host = self._host(msg["c"])
+            outcome = await host.outcome(msg["k"])
+            if not outcome.ok:
+                end.reply(msg["i"], ok=False, **(outcome.error or {}))
+                return
+            value = extract(outcome.value, msg.get("p") or (), msg.get("r"))
+            packed = pack(value, f"the result of {host.label}")
+            self.stats["fetches"] += 1
+            self.stats["fetch_bytes"] += sum(memoryview(f).nbytes for f in packed.frames)
+            end.reply(msg["i"], ok=True, v=packed)
+        except Exception as exc:
+            end.reply(msg["i"], ok=False, **encode_error(exc))
+
+    async def _serve_meta(self, msg: dict[str, Any], end: ServerEnd) -> None:
+        try:
+            outcome = await self._host(msg["c"]).outcome(msg["k"])
+            meta = outcome.meta.to_wire() if outcome.ok and outcome.meta is not None else None
+            end.reply(msg["i"], ok=outcome.ok, m=meta)
+        except Exception as exc:
+            end.reply(msg["i"], ok=False, **encode_error(exc))
+
+    def _close(self, cid: str) -> None:
+        host = self.hosts.pop(cid, None)
+        if host is not None:
+            host.close()
+
+
+def install(worker: Any) -> TwinkleWorker:
+    """Install the extension on ``worker`` (idempotent)."""
+    existing = worker.extensions.get(TwinkleWorker.name)
+    if isinstance(existing, TwinkleWorker):
+        return existing
+    return TwinkleWorker(worker)
+
+
+def dask_setup(worker: Any) -> None:
+    """Preload hook: ``dask worker --preload twinkle_dask.worker``."""
+    install(worker)
+
+
+class TwinklePlugin(WorkerPlugin):
+    """Installs the twinkle extension on every current and future worker of a cluster."""
+
+    name = "twinkle-dask"
+
+    def setup(self, worker: Any) -> None:
+        install(worker)
