@@ -46,6 +46,11 @@ class Echo:
     def recv(self, *args, **kwargs):
         return {"args": list(args), "kwargs": kwargs}
 
+    @remote_function(dispatch="slice_dp")
+    def describe(self, x):
+        """A small summary of a (large) input, so the test reads no bulk data back."""
+        return {"type": type(x).__name__, "len": len(x), "values": sorted(set(np.asarray(x).tolist()))}
+
     @remote_function(dispatch="all", collect="flatten")
     def record(self, item, delay: float = 0.0):
         if delay:

@@ -28,7 +28,13 @@ from .mesh import ResolvedGroup
 from .runtime import GroupPlacement
 from .worker import TwinklePlugin
 
-__all__ = ["ClusterConnection", "connect_cluster", "resource_name", "start_local_cluster"]
+__all__ = [
+    "ClusterConnection",
+    "connect_cluster",
+    "resource_name",
+    "start_local_cluster",
+    "stop_local_cluster",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +76,18 @@ class WorkerProcess(ProcessInterface):
                "--host", self.host, "--resources", json.dumps(self.resources), "--parent", str(os.getpid())]
         self.process = await asyncio.create_subprocess_exec(*cmd, env=self.env, stdin=asyncio.subprocess.DEVNULL)
         await super().start()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Ask the worker to close itself (SIGTERM), then kill it after ``grace`` seconds."""
+        proc = self.process
+        if proc is None or proc.returncode is not None:
+            return
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
 
     async def close(self) -> None:
         proc = self.process
@@ -147,6 +165,20 @@ def start_local_cluster(
         cluster.close(timeout=10)
         raise
     return ClusterConnection(client, cluster, placements, owns_client=True)
+
+
+async def _stop_workers(cluster: SpecCluster, grace: float) -> None:
+    procs = [w for w in cluster.workers.values() if isinstance(w, WorkerProcess)]
+    await asyncio.gather(*(w.stop(grace) for w in procs), return_exceptions=True)
+
+
+def stop_local_cluster(cluster: SpecCluster, timeout: float = 20.0) -> None:
+    """Stop the worker processes (each unregisters itself), then the scheduler."""
+    try:
+        cluster.sync(_stop_workers, cluster, min(5.0, timeout / 2), callback_timeout=timeout / 2 + 1)
+    except Exception:
+        logger.debug("twinkle_dask: stopping worker processes failed", exc_info=True)
+    cluster.close(timeout=timeout / 2)
 
 
 def _natural(name: Any) -> tuple[Any, ...]:

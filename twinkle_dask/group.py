@@ -28,7 +28,6 @@ from .channel import pack
 from .exceptions import (
     ComponentClosedError,
     ConfigurationError,
-    NotInitializedError,
     NotRemoteMethodError,
     WorkerLostError,
 )
@@ -198,12 +197,7 @@ def _state(handle: Any) -> ComponentRef:
 
 def _session_for(ref: ComponentRef, what: str) -> Any:
     session = runtime.current()
-    if session is None:
-        raise NotInitializedError(
-            f"{ref.label}.{what}: twinkle_dask is not initialized; call "
-            f"twinkle_dask.initialize('dask', groups=...) before using components"
-        )
-    if session.mode != "dask" or session.closed:
+    if session is None or session.mode != "dask" or session.closed:
         raise ComponentClosedError(
             f"{ref.label}.{what}: the session that built this component was shut down; build the "
             f"component again after initialize()"

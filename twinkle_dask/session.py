@@ -12,7 +12,7 @@ from typing import Any
 from . import runtime
 from ._seed import seed_everything
 from .caller import Caller
-from .cluster import ClusterConnection, connect_cluster, start_local_cluster
+from .cluster import ClusterConnection, connect_cluster, start_local_cluster, stop_local_cluster
 from .exceptions import ConfigurationError
 from .group import ComponentRef, create_component
 from .mesh import DeviceGroup, DeviceMesh, resolve_groups
@@ -146,7 +146,7 @@ class DaskSession:
                 logger.debug("twinkle_dask: closing the client failed", exc_info=True)
         if conn.cluster is not None:
             try:
-                conn.cluster.close(timeout=timeout)
+                stop_local_cluster(conn.cluster, timeout)
             except Exception:
                 logger.warning("twinkle_dask: closing the local cluster failed", exc_info=True)
 
