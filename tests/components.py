@@ -164,3 +164,46 @@ class Broken:
     @remote_function()
     def ping(self):
         return "pong"
+
+
+@remote_class()
+class Gloo:
+    """Joins torch.distributed with the rank's env:// identity."""
+
+    def __init__(self, default_group: bool = True):
+        import torch.distributed as dist
+
+        self.default_group = default_group
+        if default_group:
+            dist.init_process_group("gloo", init_method="env://")
+            self.pg = None
+        else:
+            # A second process group in the same worker processes, over this component's own port.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                  int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]) == 0)
+            self.pg = dist.ProcessGroupGloo(store, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+
+    @remote_function(dispatch="all", sync=True)
+    def all_reduce(self, base: float):
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([base + twinkle.get_rank()])
+        if self.pg is None:
+            dist.all_reduce(t)
+        else:
+            self.pg.allreduce([t]).wait()
+        return float(t.item())
+
+
+@remote_class()
+class Loading:
+    """Runs a torch DataLoader with worker processes inside a component."""
+
+    @remote_function(dispatch="all", collect="first")
+    def load(self, n: int, num_workers: int):
+        import torch
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(list(range(n)), batch_size=2, num_workers=num_workers)
+        return torch.cat(list(loader)).tolist()

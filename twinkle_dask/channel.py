@@ -26,6 +26,7 @@ from typing import Any
 from distributed.comm import CommClosedError, connect
 from distributed.protocol.serialize import Serialized, merge_and_deserialize, serialize_and_split
 
+from ._serde import SERIALIZERS, ensure_registered
 from .exceptions import SerializationError, WorkerLostError
 
 __all__ = ["Channel", "LoopInbox", "ServerEnd", "pack", "unpack"]
@@ -44,8 +45,9 @@ def pack(obj: Any, what: str = "value") -> Serialized:
     SerializationError
         If ``obj`` cannot be serialized, naming ``what`` it was.
     """
+    ensure_registered()
     try:
-        header, frames = serialize_and_split(obj, on_error="raise")
+        header, frames = serialize_and_split(obj, serializers=SERIALIZERS, on_error="raise")
     except Exception as exc:
         raise SerializationError(
             f"cannot serialize {what}: {type(exc).__name__}: {exc}. Everything passed to or "
@@ -58,7 +60,8 @@ def pack(obj: Any, what: str = "value") -> Serialized:
 def unpack(obj: Any) -> Any:
     """Inverse of :func:`pack` (plain values pass through)."""
     if isinstance(obj, Serialized):
-        return merge_and_deserialize(obj.header, obj.frames)
+        ensure_registered()
+        return merge_and_deserialize(obj.header, obj.frames, deserializers=None)
     return obj
 
 

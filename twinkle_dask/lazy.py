@@ -48,16 +48,23 @@ _MAX_KEYS = 256
 
 @dataclass(frozen=True, slots=True)
 class Meta:
-    """What a consumer needs to know about a result to slice it unseen."""
+    """What a consumer needs to know about a result to slice it unseen.
+
+    ``dtype`` and ``tail`` (the shape after dim 0) are recorded for tensors
+    and arrays, so a flattened view is only used where concatenation would
+    neither promote a dtype nor fail.
+    """
 
     kind: str
     length: int | None = None
     keys: tuple[str, ...] | None = None
     items: tuple[Meta, ...] | None = None
+    dtype: str | None = None
+    tail: tuple[int, ...] | None = None
 
     @classmethod
-    def of(cls, value: Any, depth: int = 2) -> Meta:
-        """Describe ``value`` (dict values ``depth`` levels deep)."""
+    def of(cls, value: Any, depth: int = 3) -> Meta:
+        """Describe ``value`` (plain dicts ``depth`` levels deep)."""
         if value is None:
             return cls("none")
         if isinstance(value, list):
@@ -69,38 +76,47 @@ class Meta:
         if isinstance(value, (bytes, bytearray)):
             return cls("bytes", len(value))
         if isinstance(value, np.ndarray):
-            return cls("ndarray", len(value)) if value.ndim else cls("other")
+            if not value.ndim:
+                return cls("other")
+            return cls("ndarray", len(value), dtype=str(value.dtype), tail=tuple(value.shape[1:]))
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(value, torch.Tensor):
-            return cls("tensor", int(value.shape[0])) if value.dim() else cls("other")
+            if not value.dim():
+                return cls("other")
+            return cls("tensor", int(value.shape[0]), dtype=str(value.dtype), tail=tuple(value.shape[1:]))
         if isinstance(value, dict):
             keys = tuple(value)
-            if depth > 0 and len(keys) <= _MAX_KEYS and all(isinstance(k, str) for k in keys):
+            if (type(value) is dict and depth > 0 and len(keys) <= _MAX_KEYS
+                    and all(isinstance(k, str) for k in keys)):
                 return cls("dict", len(keys), keys, tuple(cls.of(value[k], depth - 1) for k in keys))
             return cls("dict", len(keys))
         return cls("other")
 
     def to_wire(self) -> list[Any]:
         items = None if self.items is None else [m.to_wire() for m in self.items]
-        return [self.kind, self.length, None if self.keys is None else list(self.keys), items]
+        keys = None if self.keys is None else list(self.keys)
+        tail = None if self.tail is None else list(self.tail)
+        return [self.kind, self.length, keys, items, self.dtype, tail]
 
     @classmethod
     def from_wire(cls, wire: Sequence[Any] | None) -> Meta | None:
         if wire is None:
             return None
-        kind, length, keys, items = wire
+        kind, length, keys, items, dtype, tail = wire
         return cls(
             kind,
             length,
             None if keys is None else tuple(keys),
             None if items is None else tuple(cls.from_wire(m) for m in items),  # type: ignore[misc]
+            dtype,
+            None if tail is None else tuple(tail),
         )
 
     @property
     def viewable(self) -> bool:
-        """Whether a view over this value can be sliced and keyed without fetching it."""
+        """Whether a view over this value can be sliced and keyed, at every level, without fetching it."""
         if self.kind == "dict":
-            return self.keys is not None and self.items is not None
+            return self.keys is not None and self.items is not None and all(m.viewable for m in self.items)
         return self.kind not in _SLICEABLE or self.length is not None
 
 
@@ -301,6 +317,8 @@ def _flatten_view(source: LazySource, metas: Sequence[Meta]) -> ConcatView | Non
             if _flatten_view(source, [m.items[i] for m in metas]) is None:  # type: ignore[index]
                 return None
     elif kind not in _SLICEABLE or any(m.length is None for m in metas):
+        return None
+    elif len({(m.dtype, m.tail) for m in metas}) != 1:  # concatenation would promote or fail
         return None
     return ConcatView(kind, [ShardView(source, i, m) for i, m in enumerate(metas)])
 

@@ -214,7 +214,7 @@ def resolve_groups(groups: Iterable[DeviceGroup]) -> list[ResolvedGroup]:
                     f"{owner[dev]!r}; GPU groups may not overlap"
                 )
             owner[dev] = group.name
-        next_gpu = max(next_gpu, max(ranks) + 1)
+        next_gpu = ranks[-1] + 1
         devices = tuple(tuple(physical[i : i + g]) for i in range(0, len(physical), g))
         out.append(ResolvedGroup(group.name, "cuda", ranks, g, devices))
     return out
