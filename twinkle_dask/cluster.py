@@ -117,6 +117,9 @@ def _worker_env(group: ResolvedGroup, index: int) -> dict[str, str]:
     env["TWINKLE_GROUP"] = group.name
     env["TWINKLE_GROUP_INDEX"] = str(index)
     env.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    # As Dask's nanny does: one worker process per rank should not spawn a thread per core.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env.setdefault(var, "1")
     env["DASK_DISTRIBUTED__WORKER__DAEMON"] = "False"
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)

@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m twinkle_dask.examples.train``."""
