@@ -142,7 +142,8 @@ def test_collect_mean_of_dicts_is_per_key(echoes):
 
 def test_tuple_results_are_collected_position_by_position(echoes):
     assert echoes["dp4"].produce.options(collect="sum")("tuple")() == [6.0, 12]
-    assert echoes["dp4"].produce.options(collect="none")("tuple")() == [[0.0, 1.0, 2.0, 3.0], [[0, 0], [1, 1], [2, 2], [3, 3]]]
+    by_position = echoes["dp4"].produce.options(collect="none")("tuple")()
+    assert by_position == [[0.0, 1.0, 2.0, 3.0], [[0, 0], [1, 1], [2, 2], [3, 3]]]
 
 
 def test_custom_collect_callable_gets_the_mesh(echoes):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Union
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     from .mesh import DeviceMesh
@@ -46,5 +46,5 @@ class CollectFn(Protocol):
     def __call__(self, results: list[Any], device_mesh: DeviceMesh | None) -> Any: ...
 
 
-DispatchSpec = Union[str, DispatchFn]
-CollectSpec = Union[str, CollectFn]
+DispatchSpec = str | DispatchFn
+CollectSpec = str | CollectFn

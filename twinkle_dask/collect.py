@@ -64,8 +64,8 @@ class Collector:
     """
 
     name: str
-    fn: Callable[[list[Any], "DeviceMesh | None"], Any]
-    needs: Callable[[int, "DeviceMesh | None"], "list[int] | None"] | None = None
+    fn: Callable[[list[Any], DeviceMesh | None], Any]
+    needs: Callable[[int, DeviceMesh | None], list[int] | None] | None = None
 
     def needed(self, n: int, mesh: DeviceMesh | None) -> list[int]:
         if self.needs is None:

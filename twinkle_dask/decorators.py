@@ -160,8 +160,9 @@ def remote_function(
         ``f(length, i, args, kwargs, device_mesh) -> (args_i, kwargs_i)``.
     execute : {'all', 'first'}, default 'all'
         Call every instance, or only the first with the whole input.
-    collect : {'none', 'flatten', 'mean', 'avg', 'sum', 'first', 'last_pp', 'last_pp_first'}, registered name or callable, default 'none'
-        How the per-rank results become one value; a callable is
+    collect : str or callable, default 'none'
+        One of 'none', 'flatten', 'mean', 'avg', 'sum', 'first', 'last_pp',
+        'last_pp_first', a registered name, or a callable
         ``f(results, device_mesh)``.
     sync : bool, default False
         Wait for every rank before returning (for collectives); errors raise

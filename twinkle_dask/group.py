@@ -127,7 +127,7 @@ def create_component(session: Any, klass: type, args: tuple[Any, ...], kwargs: d
     port_reply = caller.request_threadsafe(addresses[0], {"t": "port"}).result()
     master_addr, master_port = hosts[0], int(port_reply["port"])
     futures = []
-    for rank, (index, address) in enumerate(zip(picked, addresses)):
+    for rank, address in enumerate(addresses):
         if place.is_gpu:
             local_rank, local_world = 0, 1
         else:

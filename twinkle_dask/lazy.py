@@ -313,7 +313,7 @@ def _flatten_view(source: LazySource, metas: Sequence[Meta]) -> ConcatView | Non
         keys = metas[0].keys
         if keys is None or any(m.keys != keys or m.items is None for m in metas):
             return None
-        for i, key in enumerate(keys):
+        for i in range(len(keys)):
             if _flatten_view(source, [m.items[i] for m in metas]) is None:  # type: ignore[index]
                 return None
     elif kind not in _SLICEABLE or any(m.length is None for m in metas):
