@@ -1,29 +1,30 @@
-"""How torch tensors travel: raw bytes, any dtype, CUDA tensors through host memory.
+"""Serializing call arguments and results: pickle protocol 5, tensors and arrays out of band.
 
-Dask's own torch serializer goes through ``numpy()``, which fails for bfloat16
-and for CUDA tensors. Here a tensor travels as its bytes (one zero-copy frame
-for a contiguous CPU tensor) with dtype, shape, grad flag and original device
-in the header. A CUDA tensor is copied to host to travel; it lands on the
-receiver's own GPU when the receiver is a GPU worker, and on the CPU
-otherwise (the driver). Everything that is not a tensor falls through to
-Dask's serializers.
+Everything that crosses a channel is pickled once, in the thread that has
+it: the driver's thread for arguments, the component's thread for results.
+numpy arrays travel as out-of-band buffers (no copy); torch tensors of any
+dtype, anywhere inside the object, are reduced to their raw bytes as an
+out-of-band buffer too (Dask's own torch serializer goes through ``numpy()``
+and fails for bfloat16 and CUDA tensors). A CUDA tensor is copied to host to
+travel and lands on the receiver's GPU when the receiver is a GPU worker, on
+the CPU otherwise (the driver). Objects that plain pickle cannot handle
+(classes defined in ``__main__`` or in a function, lambdas) go through
+cloudpickle. The result is a ``Serialized`` that Dask's own ``pickle``
+deserializer reads back.
 """
 
 from __future__ import annotations
 
+import io
+import pickle
 import sys
-import threading
 from typing import Any
 
-from distributed.protocol.serialize import register_serialization_family
+import cloudpickle
+from distributed.protocol.serialize import Serialized
 
-__all__ = ["SERIALIZERS", "ensure_registered", "set_cuda_landing"]
+__all__ = ["dumps_serialized", "set_cuda_landing"]
 
-FAMILY = "twinkle"
-SERIALIZERS = (FAMILY, "dask", "pickle")
-
-_registered = False
-_lock = threading.Lock()
 _cuda_landing = False
 
 
@@ -33,52 +34,70 @@ def set_cuda_landing(enabled: bool) -> None:
     _cuda_landing = enabled
 
 
-def _serialize(obj: Any) -> tuple[dict[str, Any], list[Any]]:
-    torch = sys.modules.get("torch")
-    if torch is None or type(obj) is not torch.Tensor:
-        raise NotImplementedError
-    if obj.is_sparse or obj.is_quantized or obj.layout != torch.strided or obj.is_nested:
-        raise NotImplementedError
-    header = {
-        "dtype": str(obj.dtype).rsplit(".", 1)[-1],
-        "shape": list(obj.shape),
-        "requires_grad": bool(obj.requires_grad),
-        "device": obj.device.type,
-    }
-    t = obj.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    data = t.reshape(-1).view(torch.uint8).numpy()
-    return header, [memoryview(data)]
-
-
-def _deserialize(header: dict[str, Any], frames: list[Any]) -> Any:
+def _rebuild_tensor(buf: Any, dtype: str, shape: tuple[int, ...], requires_grad: bool, device: str) -> Any:
     import torch
 
-    dtype = getattr(torch, header["dtype"])
-    shape = list(header["shape"])
-    buf = frames[0] if frames else b""
     view = memoryview(buf)
     if view.nbytes == 0:
-        t = torch.empty(shape, dtype=dtype)
+        t = torch.empty(shape, dtype=getattr(torch, dtype))
     else:
         if view.readonly:
             view = memoryview(bytearray(view))
-        t = torch.frombuffer(view, dtype=torch.uint8).view(dtype).reshape(shape)
-    if header.get("device") == "cuda" and _cuda_landing and torch.cuda.is_available():
-        t = t.to("cuda", non_blocking=False)
-    if header.get("requires_grad") and (t.is_floating_point() or t.is_complex()):
+        t = torch.frombuffer(view, dtype=torch.uint8).view(getattr(torch, dtype)).reshape(shape)
+    if device == "cuda" and _cuda_landing and torch.cuda.is_available():
+        t = t.to("cuda")
+    if requires_grad and (t.is_floating_point() or t.is_complex()):
         t.requires_grad_(True)
     return t
 
 
-def ensure_registered() -> None:
-    """Register the ``twinkle`` serialization family (once per process)."""
-    global _registered
-    if _registered:
-        return
-    with _lock:
-        if not _registered:
-            register_serialization_family(FAMILY, _serialize, _deserialize)
-            _registered = True
+def _reduce_tensor(obj: Any) -> Any:
+    torch = sys.modules.get("torch")
+    if torch is None or type(obj) is not torch.Tensor:
+        return NotImplemented
+    if obj.is_sparse or obj.is_quantized or obj.layout != torch.strided or obj.is_nested:
+        return NotImplemented
+    t = obj.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+    dtype = str(obj.dtype).rsplit(".", 1)[-1]
+    return _rebuild_tensor, (pickle.PickleBuffer(data), dtype, tuple(obj.shape), bool(obj.requires_grad),
+                             obj.device.type)
+
+
+class _Pickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        return _reduce_tensor(obj)
+
+
+class _CloudPickler(cloudpickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        reduced = _reduce_tensor(obj)
+        if reduced is NotImplemented:
+            return super().reducer_override(obj)
+        return reduced
+
+
+def _dump(pickler_cls: type, obj: Any) -> tuple[bytes, list[Any]]:
+    buffers: list[Any] = []
+    f = io.BytesIO()
+    pickler_cls(f, protocol=5, buffer_callback=buffers.append).dump(obj)
+    return f.getvalue(), buffers
+
+
+def dumps_serialized(obj: Any) -> Serialized:
+    """Pickle ``obj`` into a ``Serialized`` (header + frames) that Dask can send and read back."""
+    try:
+        data, buffers = _dump(_Pickler, obj)
+        if b"__main__" in data:
+            raise pickle.PicklingError("refers to __main__")
+    except Exception:
+        data, buffers = _dump(_CloudPickler, obj)
+    frames: list[Any] = [data]
+    writeable = []
+    for buf in buffers:
+        view = buf.raw() if isinstance(buf, pickle.PickleBuffer) else memoryview(buf)
+        frames.append(view)
+        writeable.append(not view.readonly)
+    return Serialized({"serializer": "pickle", "writeable": tuple(writeable)}, frames)

@@ -167,11 +167,11 @@ def invoke(
         remote_dispatch = pack((spec.dispatcher, n, target.mesh), f"dispatch {spec.dispatcher.name!r}")
     else:
         pairs = spec.dispatcher(n, args, kwargs, target.mesh)
-    packed: dict[int, Any] = {}
+    packed: dict[tuple[int, int], Any] = {}
     payloads = []
     what = f"the arguments of {target.label}.{spec.name}"
     for pair in pairs:
-        key = id(pair)
+        key = (id(pair[0]), id(pair[1]))  # 'all' gives every rank the same objects: pack once
         if key not in packed:
             packed[key] = pack(pair, what)
         payloads.append(packed[key])

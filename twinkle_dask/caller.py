@@ -65,12 +65,21 @@ class Caller:
 
     # ------------------------------------------------------------------ loop side
     def channel(self, address: str) -> Channel:
-        """The channel to ``address`` (loop thread only); a lost one is replaced."""
+        """The channel to ``address`` (loop thread only).
+
+        A lost channel stays lost: requests to a worker that died fail at once
+        instead of waiting out a connect timeout. :meth:`forget` clears it once
+        the worker is back (component restart).
+        """
         ch = self._channels.get(address)
-        if ch is None or ch.lost is not None:
+        if ch is None:
             ch = Channel(address, self.connection_args, self.connect_timeout)
             self._channels[address] = ch
         return ch
+
+    def forget(self, address: str) -> None:
+        """Drop the channel to ``address`` so the next request connects anew (loop thread only)."""
+        self._channels.pop(address, None)
 
     def request(self, address: str, msg: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
         """Send a request from the loop thread."""

@@ -24,9 +24,9 @@ from collections.abc import Callable
 from typing import Any
 
 from distributed.comm import CommClosedError, connect
-from distributed.protocol.serialize import Serialized, merge_and_deserialize, serialize_and_split
+from distributed.protocol.serialize import Serialized, merge_and_deserialize
 
-from ._serde import SERIALIZERS, ensure_registered
+from ._serde import dumps_serialized
 from .exceptions import SerializationError, WorkerLostError
 
 __all__ = ["Channel", "LoopInbox", "ServerEnd", "pack", "unpack"]
@@ -45,23 +45,20 @@ def pack(obj: Any, what: str = "value") -> Serialized:
     SerializationError
         If ``obj`` cannot be serialized, naming ``what`` it was.
     """
-    ensure_registered()
     try:
-        header, frames = serialize_and_split(obj, serializers=SERIALIZERS, on_error="raise")
+        return dumps_serialized(obj)
     except Exception as exc:
         raise SerializationError(
             f"cannot serialize {what}: {type(exc).__name__}: {exc}. Everything passed to or "
             f"returned from a remote method must be picklable (cloudpickle); pass plain data, or "
             f"build the object inside the component instead."
         ) from exc
-    return Serialized(header, frames)
 
 
 def unpack(obj: Any) -> Any:
     """Inverse of :func:`pack` (plain values pass through)."""
     if isinstance(obj, Serialized):
-        ensure_registered()
-        return merge_and_deserialize(obj.header, obj.frames, deserializers=None)
+        return merge_and_deserialize(obj.header, obj.frames)
     return obj
 
 

@@ -125,16 +125,16 @@ class WorkerLostError(TwinkleDaskError, RuntimeError):
         super().__init__(address, group, rank, component, reason)
 
     def __str__(self) -> str:
-        where = []
-        if self.component:
-            where.append(f"component {self.component}")
-        if self.group is not None:
-            where.append(f"group {self.group!r}")
+        what = self.component or "a component"
         if self.rank is not None:
-            where.append(f"rank {self.rank}")
-        head = ", ".join(where) or "a component"
-        tail = f": {self.reason}" if self.reason else ""
-        return f"the worker at {self.address} hosting {head} was lost{tail}"
+            what += f" on rank {self.rank}"
+        if self.group is not None:
+            what += f" of group {self.group!r}"
+        tail = f" ({self.reason})" if self.reason else ""
+        return (
+            f"{what} failed: the worker at {self.address} was lost{tail}. Calls on this component "
+            f"fail until it is rebuilt on a live worker."
+        )
 
 
 class ComponentClosedError(TwinkleDaskError, RuntimeError):

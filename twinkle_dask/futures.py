@@ -177,6 +177,8 @@ class LazyResult:
             failed = [i for i, o in enumerate(self._outcomes) if o is not None and not o.ok]
             if failed and self._notify is not None:
                 self._notify(self._failure_message(failed))
+        if not self._done.done() and (self._remaining == 0 or not outcome.ok):
+            # A failed rank fails the call at once: nobody waits for the others to finish.
             self._done.set_result(None)
 
     def _failure_message(self, failed: list[int]) -> str:
@@ -207,8 +209,7 @@ class LazyResult:
     def _raise_if_failed(self) -> None:
         if self._error is None:
             for slot, outcome in enumerate(self._outcomes):
-                assert outcome is not None
-                if outcome.ok:
+                if outcome is None or outcome.ok:
                     continue
                 if outcome.error is not None:
                     exc = add_note(outcome.error, self._info.where(slot))
