@@ -207,3 +207,44 @@ class Loading:
 
         loader = DataLoader(list(range(n)), batch_size=2, num_workers=num_workers)
         return torch.cat(list(loader)).tolist()
+
+
+@remote_class()
+class OnGPU:
+    """Reports its CUDA view and moves tensors on its device."""
+
+    def __init__(self, nccl: bool = False):
+        import torch
+
+        self.device = torch.device("cuda:0")
+        self.nccl = nccl
+        if nccl:
+            import torch.distributed as dist
+
+            dist.init_process_group("nccl", init_method="env://")
+
+    @remote_function(dispatch="all")
+    def cuda_view(self):
+        import torch
+
+        return {"available": torch.cuda.is_available(), "count": torch.cuda.device_count(),
+                "visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "local_rank": os.environ.get("LOCAL_RANK")}
+
+    @remote_function(dispatch="all", collect="first")
+    def make(self, n: int):
+        import torch
+
+        return torch.arange(n, dtype=torch.float32, device=self.device)
+
+    @remote_function(dispatch="all", collect="first")
+    def where(self, t):
+        return {"device": str(t.device), "sum": float(t.sum())}
+
+    @remote_function(dispatch="all", collect="first")
+    def all_reduce(self, value: float):
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([value], device=self.device)
+        dist.all_reduce(t)
+        return float(t.item())

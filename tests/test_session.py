@@ -35,11 +35,6 @@ def test_dask_mode_needs_groups():
         twinkle.initialize("dask")
 
 
-def test_gpu_group_without_gpu_is_a_clear_error():
-    with pytest.raises(ConfigurationError, match="asks for GPUs"):
-        twinkle.initialize("dask", groups=[DeviceGroup(name="gpu", ranks=1, device_type="cuda")])
-
-
 def test_initialize_returns_the_client_and_a_second_call_needs_shutdown():
     client = twinkle.initialize(
         "dask", groups=[DeviceGroup(name="a", ranks=1, device_type="cpu")], dashboard_address="127.0.0.1:0"

@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import signal
+from typing import Any
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -24,23 +25,43 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resources", default="{}")
     parser.add_argument("--parent", type=int, default=0)
     parser.add_argument("--death-timeout", type=float, default=60.0)
+    parser.add_argument("--cuda", action="store_true", help="one dask-cuda worker per visible GPU")
     return parser.parse_args(argv)
 
 
-async def _run(args: argparse.Namespace) -> None:
+def _make_worker(args: argparse.Namespace) -> Any:
+    resources = json.loads(args.resources)
+    if args.cuda:
+        from dask_cuda import CUDAWorker
+
+        return CUDAWorker(
+            args.scheduler,
+            name=args.name,
+            host=args.host,
+            nthreads=1,
+            resources=" ".join(f"{k}={v}" for k, v in resources.items()),
+            memory_limit=0,
+            preload=["twinkle_dask.worker"],
+            dashboard=False,
+            death_timeout=args.death_timeout,
+        )
     from distributed import Worker
 
-    worker = Worker(
+    return Worker(
         args.scheduler,
         name=args.name,
         host=args.host,
         nthreads=1,
-        resources=json.loads(args.resources),
+        resources=resources,
         memory_limit=0,
         preload=["twinkle_dask.worker"],
         dashboard=False,
         death_timeout=args.death_timeout,
     )
+
+
+async def _run(args: argparse.Namespace) -> None:
+    worker = _make_worker(args)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -51,14 +72,17 @@ async def _run(args: argparse.Namespace) -> None:
             await asyncio.sleep(1.0)
         stop.set()
 
-    async with worker:
-        watcher = asyncio.create_task(watch_parent())
-        finished = asyncio.create_task(worker.finished())
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({finished, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        watcher.cancel()
-        if not finished.done():
-            await asyncio.wait_for(worker.close(reason="twinkle-dask worker stopping"), 10)
+    await worker
+    watcher = asyncio.create_task(watch_parent())
+    finished = asyncio.create_task(worker.finished())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({finished, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    watcher.cancel()
+    if not finished.done():
+        try:
+            await asyncio.wait_for(worker.close(), 10)
+        except (asyncio.TimeoutError, Exception):
+            pass
 
 
 def main(argv: list[str] | None = None) -> None:

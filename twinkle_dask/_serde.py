@@ -18,14 +18,16 @@ from __future__ import annotations
 import io
 import pickle
 import sys
+import threading
 from typing import Any
 
 import cloudpickle
 from distributed.protocol.serialize import Serialized
 
-__all__ = ["dumps_serialized", "set_cuda_landing"]
+__all__ = ["dumps_serialized", "had_device_tensors", "set_cuda_landing"]
 
 _cuda_landing = False
+_state = threading.local()
 
 
 def set_cuda_landing(enabled: bool) -> None:
@@ -59,6 +61,7 @@ def _reduce_tensor(obj: Any) -> Any:
         return NotImplemented
     t = obj.detach()
     if t.device.type != "cpu":
+        _state.device_tensors = True
         t = t.cpu()
     data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
     dtype = str(obj.dtype).rsplit(".", 1)[-1]
@@ -79,6 +82,11 @@ class _CloudPickler(cloudpickle.Pickler):
         return reduced
 
 
+def had_device_tensors() -> bool:
+    """Whether the last :func:`dumps_serialized` in this thread moved GPU tensors to host."""
+    return bool(getattr(_state, "device_tensors", False))
+
+
 def _dump(pickler_cls: type, obj: Any) -> tuple[bytes, list[Any]]:
     buffers: list[Any] = []
     f = io.BytesIO()
@@ -88,6 +96,7 @@ def _dump(pickler_cls: type, obj: Any) -> tuple[bytes, list[Any]]:
 
 def dumps_serialized(obj: Any) -> Serialized:
     """Pickle ``obj`` into a ``Serialized`` (header + frames) that Dask can send and read back."""
+    _state.device_tensors = False
     try:
         data, buffers = _dump(_Pickler, obj)
         if b"__main__" in data:

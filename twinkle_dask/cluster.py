@@ -10,10 +10,13 @@ cluster's workers, preferring workers already tagged for a group
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import os
 import re
+import shutil
+import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,12 +62,17 @@ class ClusterConnection:
 
 
 class WorkerProcess(ProcessInterface):
-    """A Dask worker in a subprocess of the driver (``python -m twinkle_dask._launch``)."""
+    """A Dask worker in a subprocess of the driver (``python -m twinkle_dask._launch``).
+
+    With ``cuda=True`` the subprocess runs dask-cuda's ``CUDAWorker``: one
+    worker per GPU in its CUDA_VISIBLE_DEVICES.
+    """
 
     def __init__(self, scheduler: str, name: str, resources: dict[str, float], env: dict[str, str],
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", cuda: bool = False) -> None:
         self.scheduler = scheduler
         self.worker_name = name
+        self.cuda = cuda
         self.resources = resources
         self.env = env
         self.host = host
@@ -74,6 +82,8 @@ class WorkerProcess(ProcessInterface):
     async def start(self) -> None:
         cmd = [sys.executable, "-m", "twinkle_dask._launch", self.scheduler, "--name", self.worker_name,
                "--host", self.host, "--resources", json.dumps(self.resources), "--parent", str(os.getpid())]
+        if self.cuda:
+            cmd.append("--cuda")
         self.process = await asyncio.create_subprocess_exec(*cmd, env=self.env, stdin=asyncio.subprocess.DEVNULL)
         await super().start()
 
@@ -126,19 +136,110 @@ def _worker_env(group: ResolvedGroup, index: int) -> dict[str, str]:
     return env
 
 
+def gpu_count() -> int:
+    """GPUs this process may use: CUDA_VISIBLE_DEVICES if set, else what NVML or nvidia-smi reports."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip()])
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def _physical(devices: Sequence[int]) -> list[int]:
+    """Group device ranks as ids in this process's CUDA_VISIBLE_DEVICES numbering."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return list(devices)
+    ids = [d.strip() for d in visible.split(",") if d.strip()]
+    return [int(ids[d]) if ids[d].isdigit() else d for d in devices]
+
+
+def rotated_devices(devices: Sequence[int], index: int, per_worker: int) -> str:
+    """CUDA_VISIBLE_DEVICES of worker ``index``: its own devices first, then the group's others.
+
+    The same rotation dask-cuda uses (``cuda_visible_devices``), by ``per_worker`` devices.
+    """
+    devices = list(devices)
+    start = index * per_worker
+    return ",".join(str(d) for d in devices[start:] + devices[:start])
+
+
+def _uses_dask_cuda(group: ResolvedGroup, simulate: bool) -> bool:
+    if group.gpus_per_worker != 1 or importlib.util.find_spec("dask_cuda") is None:
+        return False
+    # dask-cuda's own switch for running its worker code without a GPU (its test suite uses it).
+    return not simulate or os.environ.get("DASK_CUDA_TEST_DISABLE_DEVICE_SPECIFIC", "0") != "0"
+
+
+def _gpu_worker_specs(group: ResolvedGroup, simulate: bool) -> dict[str, Any]:
+    flat = _physical([d for devs in group.devices for d in devs])
+    tags = {resource_name(group.name): 1}
+    if _uses_dask_cuda(group, simulate):
+        env = _worker_env(group, 0)
+        env.update(CUDA_VISIBLE_DEVICES=",".join(map(str, flat)), TWINKLE_GPU="1")
+        n = group.num_workers
+        name = group.name if n > 1 else _worker_name(group.name, 0)
+        return {name: {
+            "cls": WorkerProcess,
+            "options": {"resources": tags, "env": env, "cuda": True},
+            **({"group": [f"-{i}" for i in range(n)]} if n > 1 else {}),
+        }}
+    if not simulate and importlib.util.find_spec("dask_cuda") is None:
+        logger.warning("twinkle_dask: dask-cuda is not installed; GPU group %r runs plain Dask workers with "
+                       "CUDA_VISIBLE_DEVICES set (pip install twinkle-dask[cuda] for dask-cuda workers)",
+                       group.name)
+    specs = {}
+    for index in range(group.num_workers):
+        env = _worker_env(group, index)
+        env["CUDA_VISIBLE_DEVICES"] = rotated_devices(flat, index, group.gpus_per_worker)
+        env["TWINKLE_GPU"] = "simulated" if simulate else "1"
+        specs[_worker_name(group.name, index)] = {
+            "cls": WorkerProcess, "options": {"resources": tags, "env": env},
+        }
+    return specs
+
+
 def start_local_cluster(
     groups: Sequence[ResolvedGroup],
     *,
     dashboard_address: str | None = "127.0.0.1:8787",
+    simulate_gpus: bool = False,
     start_timeout: float = 120.0,
 ) -> ClusterConnection:
-    """Start a scheduler in this process and one worker subprocess per group rank."""
-    for group in groups:
-        if group.is_gpu:
-            raise ConfigurationError(
-                f"DeviceGroup {group.name!r} asks for GPUs; GPU groups need dask-cuda and a GPU "
-                f"(install twinkle-dask[cuda])"
-            )
+    """Start a scheduler in this process and one worker subprocess per group rank.
+
+    GPU groups run through dask-cuda (one worker per GPU, CUDA_VISIBLE_DEVICES
+    rotated so each worker's own GPU is device 0); ``gpus_per_worker > 1``
+    workers get their devices first. With ``simulate_gpus`` GPU groups run as
+    CPU workers with exactly the environment and tags a GPU worker would get.
+    """
+    gpu_groups = [g for g in groups if g.is_gpu]
+    if gpu_groups and not simulate_gpus:
+        have = gpu_count()
+        for group in gpu_groups:
+            needed = max(d for devs in group.devices for d in devs) + 1
+            if needed > have:
+                raise ConfigurationError(
+                    f"DeviceGroup {group.name!r} asks for GPU device {needed - 1} but this machine has "
+                    f"{have} GPU(s); give the group fewer or other ranks, or pass "
+                    f"initialize(..., simulate_gpus=True) to run GPU groups as CPU workers (for tests)"
+                )
     scheduler = {
         "cls": Scheduler,
         "options": {
@@ -150,22 +251,23 @@ def start_local_cluster(
     }
     workers: dict[str, Any] = {}
     for group in groups:
+        if group.is_gpu:
+            workers.update(_gpu_worker_specs(group, simulate_gpus))
+            continue
         for index in range(group.num_workers):
             workers[_worker_name(group.name, index)] = {
                 "cls": WorkerProcess,
-                "options": {
-                    "resources": {resource_name(group.name): 1},
-                    "env": _worker_env(group, index),
-                },
+                "options": {"resources": {resource_name(group.name): 1}, "env": _worker_env(group, index)},
             }
+    total = sum(g.num_workers for g in groups)
     cluster = SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING,
                           name="twinkle-dask", asynchronous=False)
     try:
         client = Client(cluster, direct_to_workers=True, set_as_default=True)
-        client.wait_for_workers(len(workers), timeout=start_timeout)
+        client.wait_for_workers(total, timeout=start_timeout)
         placements = _placements_by_name(client, groups)
     except BaseException:
-        cluster.close(timeout=10)
+        stop_local_cluster(cluster, 10)
         raise
     return ClusterConnection(client, cluster, placements, owns_client=True)
 

@@ -55,10 +55,11 @@ class CallInfo:
 class Outcome:
     """One rank's answer to a call."""
 
-    __slots__ = ("error", "fields", "has_value", "meta", "ok", "packed", "stop", "value")
+    __slots__ = ("device", "error", "fields", "has_value", "meta", "ok", "packed", "stop", "value")
 
     def __init__(self) -> None:
         self.ok = False
+        self.device = False
         self.meta: Meta | None = None
         self.packed: Any = None
         self.has_value = False
@@ -72,6 +73,7 @@ class Outcome:
         out = cls()
         out.ok = bool(reply.get("ok"))
         out.stop = bool(reply.get("s"))
+        out.device = bool(reply.get("g"))
         if out.ok:
             out.meta = Meta.from_wire(reply.get("m"))
             if "v" in reply:
@@ -300,7 +302,6 @@ class LazyResult:
                          f"collect={self._info.collector.name!r}")
                 raise
             self._value, self._value_set = value, True
-            self._release()
             return value
 
     __call__ = result
@@ -332,16 +333,20 @@ class LazyResult:
         return any(o is not None and o.stop for o in self._outcomes)
 
     def _local_value(self) -> tuple[bool, Any]:
-        """The collected value if it can be had without fetching: (True, value)."""
-        if self._value_set:
-            return True, self._value
+        """The collected value if it can be had without fetching: (True, value).
+
+        Not for results that held GPU tensors: passed on, those must land on
+        the consumer's device, so the consumer fetches them from the producer.
+        """
         if not self._done.done():
             return False, None
+        outcomes = self._outcomes
+        if any(o is None or not o.ok or o.device for o in outcomes):
+            return False, None
+        if self._value_set:
+            return True, self._value
         n = len(self._info.ranks)
         needed = self._info.collector.needed(n, self._info.mesh)
-        outcomes = self._outcomes
-        if any(o is None or not o.ok for o in outcomes):
-            return False, None
         if not all(outcomes[i].has_value for i in needed):  # type: ignore[union-attr]
             return False, None
         try:

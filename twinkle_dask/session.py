@@ -180,6 +180,7 @@ def initialize(
     ncpu_proc_per_node: int | None = None,
     dashboard_address: str | None = "127.0.0.1:8787",
     security: Any = None,
+    simulate_gpus: bool = False,
 ) -> Any:
     """Start twinkle_dask, in-process (``'local'``) or on a Dask cluster (``'dask'``).
 
@@ -214,6 +215,11 @@ def initialize(
         Where the local cluster serves the Dask dashboard (None: no dashboard).
     security : distributed.Security, optional
         TLS settings for connecting to a secured scheduler.
+    simulate_gpus : bool, default False
+        Run GPU groups of the local cluster as CPU workers that get exactly
+        the CUDA_VISIBLE_DEVICES, tags and identity a GPU worker would get
+        (for testing placement on a machine without GPUs). Without it, a GPU
+        group on a machine without enough GPUs is an error.
 
     Returns
     -------
@@ -258,7 +264,7 @@ def initialize(
     device_groups = _check_groups(groups)
     resolved = resolve_groups(device_groups)
     config = (tuple((g.name, g.num_ranks, g.device_type.lower(), g.gpus_per_worker) for g in device_groups),
-              address, id(client))
+              address, id(client), simulate_gpus)
     if isinstance(current, DaskSession) and not current.closed:
         if current.config == config:
             current.seed, current.lazy_collect = seed, lazy_collect
@@ -272,7 +278,8 @@ def initialize(
     if address is not None or client is not None:
         connection = connect_cluster(resolved, address=address, client=client, security=security)
     else:
-        connection = start_local_cluster(resolved, dashboard_address=dashboard_address)
+        connection = start_local_cluster(resolved, dashboard_address=dashboard_address,
+                                         simulate_gpus=simulate_gpus)
     session = DaskSession(
         connection=connection, groups=device_groups, seed=seed, full_determinism=full_determinism,
         global_mesh=global_device_mesh, lazy_collect=lazy_collect, name=name, notifier=notifier,

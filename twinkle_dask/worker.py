@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import queue
 import socket
 import threading
@@ -29,6 +30,7 @@ from . import identity as _identity
 from . import runtime
 from ._errors import decode_error, encode_error
 from ._seed import seed_everything
+from ._serde import had_device_tensors, set_cuda_landing
 from .call import INLINE_ALL, INLINE_BYTES, INLINE_SMALL
 from .caller import Caller
 from .channel import HANDLER, ServerEnd, pack, unpack
@@ -113,11 +115,12 @@ class Job:
 class RankOutcome:
     """A finished call on this rank: its value (kept for fetches) or its error."""
 
-    __slots__ = ("error", "meta", "ok", "packed", "stop", "value")
+    __slots__ = ("device", "error", "meta", "ok", "packed", "stop", "value")
 
     def __init__(self, ok: bool, value: Any = None, meta: Meta | None = None, packed: Any = None,
-                 error: dict[str, Any] | None = None, stop: bool = False) -> None:
+                 error: dict[str, Any] | None = None, stop: bool = False, device: bool = False) -> None:
         self.ok = ok
+        self.device = device
         self.value = value
         self.meta = meta
         self.packed = packed
@@ -203,6 +206,8 @@ class RankHost:
                 fields["v"] = outcome.packed
             if outcome.stop:
                 fields["s"] = True
+            if outcome.device:
+                fields["g"] = True
         else:
             fields.update(outcome.error or {})
         outcome.packed = None
@@ -309,13 +314,15 @@ class RankHost:
 
     def _ok(self, value: Any, inline: int, name: str) -> RankOutcome:
         packed = None
+        device = False
         if inline == INLINE_ALL or (inline == INLINE_SMALL and sizeof(value) <= INLINE_BYTES):
             try:
                 packed = pack(value, f"the result of {self.label}.{name} on rank {self.identity.rank}")
+                device = had_device_tensors()
             except SerializationError:
                 if inline == INLINE_ALL:
                     raise
-        return RankOutcome(True, value, Meta.of(value), packed)
+        return RankOutcome(True, value, Meta.of(value), packed, device=device)
 
     def _run_async(self, awaitable: Any) -> Any:
         if self._aloop is None:
@@ -344,6 +351,8 @@ class TwinkleWorker:
         self.caller = Caller(self.loop, worker.connection_args, in_worker=True)
         worker.handlers[HANDLER] = self.handle_comm
         worker.extensions[self.name] = self
+        # Tensors that left a GPU land on this worker's GPU (device 0 of its CUDA_VISIBLE_DEVICES).
+        set_cuda_landing(os.environ.get("TWINKLE_GPU") == "1")
 
     def resolver(self) -> Resolver:
         async def request(address: str, msg: dict[str, Any]) -> dict[str, Any]:

@@ -86,9 +86,9 @@ class Trainer:
     def step(self) -> None:
         self.optimizer.step()
 
-    @remote_function(dispatch="all", collect="none", lazy_collect=False)
-    def checksum(self) -> float:
-        return float(sum(p.detach().double().sum().item() for p in self.model.parameters()))
+    @remote_function(dispatch="all", collect="flatten", lazy_collect=False)
+    def checksum(self) -> list[float]:
+        return [float(sum(p.detach().double().sum().item() for p in self.model.parameters()))]
 
 
 def _progress(step: int, total: int, loss: float, started: float) -> str:

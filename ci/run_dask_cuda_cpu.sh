@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# dask-cuda's worker code on a machine without GPUs: its own test switch
+# (DASK_CUDA_TEST_DISABLE_DEVICE_SPECIFIC=1) with an explicit CUDA_VISIBLE_DEVICES.
+# A separate venv: dask-cuda pins an older dask through rapids-dask-dependency, so it is
+# installed without that pin, beside the same dask the main suite tests.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="${TWINKLE_CUDA_VENV:-$root/.venv-cuda}"
+if [ ! -x "$venv/bin/python" ]; then
+    "${PYTHON:-python3}" -m venv "$venv"
+fi
+# shellcheck disable=SC1091
+source "$venv/bin/activate"
+stamp="$venv/.twinkle-installed"
+if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
+    python -m pip install --quiet --upgrade pip
+    python -m pip install --quiet -e "$root[test]"
+    python -m pip install --quiet --no-deps "dask-cuda==26.10.0"
+    python -m pip install --quiet "nvidia-ml-py==13.615.71" "cuda-core==1.2.2" "cuda-bindings==13.5.0" "pandas>=2"
+    touch "$stamp"
+fi
+cd "$root"
+timeout 600 python -m pytest tests/test_gpu_placement.py "$@"
