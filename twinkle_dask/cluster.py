@@ -313,6 +313,7 @@ def connect_cluster(
     address: str | None = None,
     client: Client | None = None,
     security: Any = None,
+    nproc_per_node: int | None = None,
 ) -> ClusterConnection:
     """Map the groups onto the workers of an existing cluster."""
     owns = client is None
@@ -326,7 +327,7 @@ def connect_cluster(
                 f"could not install the twinkle extension on the cluster's workers ({exc}); install "
                 f"twinkle-dask where the workers run, or start them with --preload twinkle_dask.worker"
             ) from exc
-        placements = map_groups(client, groups)
+        placements = map_groups(client, groups, nproc_per_node)
     except BaseException:
         if owns:
             client.close()
@@ -334,35 +335,74 @@ def connect_cluster(
     return ClusterConnection(client, None, placements, owns_client=owns)
 
 
-def map_groups(client: Client, groups: Sequence[ResolvedGroup]) -> dict[str, GroupPlacement]:
-    """Choose and tag the workers of each group on an existing cluster."""
+def _visible_devices() -> str | None:
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def _first_device(visible: str | None) -> int | None:
+    first = (visible or "").split(",")[0].strip()
+    return int(first) if first.isdigit() else None
+
+
+def map_groups(client: Client, groups: Sequence[ResolvedGroup], nproc_per_node: int | None = None
+               ) -> dict[str, GroupPlacement]:
+    """Choose (and tag) the workers of each group on an existing cluster.
+
+    Workers already tagged ``twinkle-<group>`` are used first. CPU groups then
+    take untagged workers without GPUs in (host, name) order. GPU groups take
+    untagged GPU workers by host and device index: group device ``d`` is
+    device ``d % nproc_per_node`` (the first entry of the worker's
+    CUDA_VISIBLE_DEVICES) on the ``d // nproc_per_node``-th host.
+    """
     info = client.scheduler_info(n_workers=-1)["workers"]
-    workers = sorted(info.items(), key=lambda kv: (kv[1]["host"], _natural(kv[1].get("name", kv[0]))))
+    visible = client.run(_visible_devices)
+    device = {addr: _first_device(visible.get(addr)) for addr in info}
+    order = sorted(info, key=lambda a: (info[a]["host"], _natural(info[a].get("name", a))))
     tagged: dict[str, list[str]] = {}
-    untagged: list[str] = []
-    for addr, w in workers:
-        tags = [r for r in (w.get("resources") or {}) if r.startswith("twinkle-")]
-        if tags:
-            for tag in tags:
-                tagged.setdefault(tag[len("twinkle-"):], []).append(addr)
-        else:
-            untagged.append(addr)
+    free: list[str] = []
+    for addr in order:
+        tags = [r for r in (info[addr].get("resources") or {}) if r.startswith("twinkle-")]
+        for tag in tags:
+            tagged.setdefault(tag[len("twinkle-"):], []).append(addr)
+        if not tags:
+            free.append(addr)
+    hosts = sorted({info[a]["host"] for a in info if device[a] is not None})
+    per_node = nproc_per_node or max(
+        [sum(1 for a in info if info[a]["host"] == h and device[a] is not None) for h in hosts] or [1]
+    )
     out: dict[str, GroupPlacement] = {}
     for group in groups:
-        have = sorted(tagged.get(group.name, []), key=lambda a: _natural(info[a].get("name", a)))
-        need = group.num_workers
-        if len(have) < need:
-            extra = need - len(have)
-            if len(untagged) < extra:
+        chosen = list(tagged.get(group.name, []))[: group.num_workers]
+        if group.is_gpu:
+            chosen.sort(key=lambda a: (info[a]["host"], device[a] if device[a] is not None else -1))
+        missing = group.num_workers - len(chosen)
+        if missing and group.is_gpu:
+            for w in range(len(chosen), group.num_workers):
+                want = group.devices[w][0]
+                node, local = divmod(want, per_node)
+                match = [a for a in free if node < len(hosts) and info[a]["host"] == hosts[node] and device[a] == local]
+                if not match:
+                    raise ConfigurationError(
+                        f"group {group.name!r} needs a worker for GPU {want} (device {local} on host "
+                        f"{node} of {len(hosts)} with GPU workers) and the cluster has none free; start "
+                        f"`dask cuda worker` there, or tag one with `--resources {resource_name(group.name)}=1`"
+                    )
+                chosen.append(match[0])
+                free.remove(match[0])
+        elif missing:
+            cpu_free = [a for a in free if device[a] is None] or free
+            if len(cpu_free) < missing:
                 raise ConfigurationError(
-                    f"group {group.name!r} needs {need} worker(s) but the cluster has "
-                    f"{len(have)} tagged for it and {len(untagged)} untagged left; start more "
-                    f"workers, or tag them with `dask worker --resources {resource_name(group.name)}=1`"
+                    f"group {group.name!r} needs {group.num_workers} worker(s) but the cluster has "
+                    f"{len(chosen)} tagged for it and {len(cpu_free)} untagged left; start more workers, "
+                    f"or tag them with `dask worker --resources {resource_name(group.name)}=1`"
                 )
-            take, untagged = untagged[:extra], untagged[extra:]
-            client.run(_tag_worker, resources={resource_name(group.name): 1}, workers=take)
-            have = have + take
-        chosen = have[:need]
+            take = cpu_free[:missing]
+            chosen += take
+            free = [a for a in free if a not in take]
+        new = [a for a in chosen if a not in tagged.get(group.name, [])]
+        if new:
+            client.run(_tag_worker, resources={resource_name(group.name): 1}, workers=new)
         out[group.name] = GroupPlacement(
             group.name, group.device_type, tuple(chosen), tuple(info[a]["host"] for a in chosen),
             group.devices, group.gpus_per_worker,

@@ -209,7 +209,10 @@ def initialize(
         The scheduler of an existing cluster to use.
     client : distributed.Client, optional
         An existing client to use (not closed at shutdown).
-    nproc_per_node, ncpu_proc_per_node : int, optional
+    nproc_per_node : int, optional
+        GPUs per host of an existing cluster, to map GPU group ranks to hosts
+        (default: the most GPU workers seen on one host).
+    ncpu_proc_per_node : int, optional
         Accepted for Twinkle compatibility; the groups decide the workers.
     dashboard_address : str or None, default '127.0.0.1:8787'
         Where the local cluster serves the Dask dashboard (None: no dashboard).
@@ -276,7 +279,8 @@ def initialize(
         )
     seed_everything(seed, full_determinism)
     if address is not None or client is not None:
-        connection = connect_cluster(resolved, address=address, client=client, security=security)
+        connection = connect_cluster(resolved, address=address, client=client, security=security,
+                                     nproc_per_node=nproc_per_node)
     else:
         connection = start_local_cluster(resolved, dashboard_address=dashboard_address,
                                          simulate_gpus=simulate_gpus)
