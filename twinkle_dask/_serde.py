@@ -9,8 +9,7 @@ and fails for bfloat16 and CUDA tensors). A CUDA tensor is copied to host to
 travel and lands on the receiver's GPU when the receiver is a GPU worker, on
 the CPU otherwise (the driver). Objects that plain pickle cannot handle
 (classes defined in ``__main__`` or in a function, lambdas) go through
-cloudpickle. The result is a ``Serialized`` that Dask's own ``pickle``
-deserializer reads back.
+cloudpickle.
 """
 
 from __future__ import annotations
@@ -22,9 +21,8 @@ import threading
 from typing import Any
 
 import cloudpickle
-from distributed.protocol.serialize import Serialized
 
-__all__ = ["dumps_serialized", "had_device_tensors", "set_cuda_landing"]
+__all__ = ["Blob", "dumps_blob", "had_device_tensors", "set_cuda_landing"]
 
 _cuda_landing = False
 _state = threading.local()
@@ -94,8 +92,38 @@ def _dump(pickler_cls: type, obj: Any) -> tuple[bytes, list[Any]]:
     return f.getvalue(), buffers
 
 
-def dumps_serialized(obj: Any) -> Serialized:
-    """Pickle ``obj`` into a ``Serialized`` (header + frames) that Dask can send and read back."""
+class Blob:
+    """A pickled value: the pickle stream and its out-of-band buffers.
+
+    Pickled inside a message it travels as the message's own out-of-band
+    frames (small ones in band), so large tensors are never copied into the
+    message. :meth:`load` unpickles it.
+    """
+
+    __slots__ = ("frames",)
+
+    def __init__(self, frames: list[Any]) -> None:
+        self.frames = frames
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        if isinstance(protocol, int) and protocol >= 5:
+            return _blob, tuple(pickle.PickleBuffer(f) for f in self.frames)
+        return _blob, tuple(bytes(f) for f in self.frames)
+
+    def load(self) -> Any:
+        return pickle.loads(self.frames[0], buffers=self.frames[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(memoryview(f).nbytes for f in self.frames)
+
+
+def _blob(*frames: Any) -> Blob:
+    return Blob(list(frames))
+
+
+def dumps_blob(obj: Any) -> Blob:
+    """Pickle ``obj`` (protocol 5; arrays and tensors out of band) into a :class:`Blob`."""
     _state.device_tensors = False
     try:
         data, buffers = _dump(_Pickler, obj)
@@ -103,10 +131,4 @@ def dumps_serialized(obj: Any) -> Serialized:
             raise pickle.PicklingError("refers to __main__")
     except Exception:
         data, buffers = _dump(_CloudPickler, obj)
-    frames: list[Any] = [data]
-    writeable = []
-    for buf in buffers:
-        view = buf.raw() if isinstance(buf, pickle.PickleBuffer) else memoryview(buf)
-        frames.append(view)
-        writeable.append(not view.readonly)
-    return Serialized({"serializer": "pickle", "writeable": tuple(writeable)}, frames)
+    return Blob([data, *(b.raw() for b in buffers)])

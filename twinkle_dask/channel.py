@@ -1,16 +1,22 @@
 """Multiplexed message channels between a caller and a worker.
 
 A call on a component is a small message to each rank's worker, and a
-pipeline of calls is many of them. Dask's RPC pool answers one request per
-connection at a time and actor calls cost a round trip through an executor;
-here one persistent connection per (caller, worker) carries any number of
-requests concurrently, each tagged with an id, and whatever is queued while a
-write is in flight leaves in the next write. Messages on one channel arrive in
-the order they were sent, which is what keeps calls on a component ordered.
+pipeline of calls is many of them. Dask's RPC answers one request per
+connection at a time and its comms measure and frame every message for the
+scheduler's sake; here each worker's twinkle extension listens on a port of
+its own (found once through a Dask RPC, ``twinkle_port``), and one persistent
+connection per (caller, worker) carries any number of requests concurrently,
+each tagged with an id. Whatever is queued while a write is in flight leaves
+in the next write. Messages on one channel arrive in the order they were sent,
+which is what keeps calls on a component ordered.
 
-Payloads travel pre-serialized (:func:`pack`): the caller serializes arguments
-in its own thread, so an unpicklable argument fails at the call site, and the
-receiver unpacks each message on its own, so one bad payload fails one call.
+Payloads travel pre-serialized as :class:`Blob` (pickle protocol 5, tensors
+and arrays as out-of-band buffers, see :mod:`twinkle_dask._serde`): the caller
+serializes arguments in its own thread, so an unpicklable argument fails at
+the call site, and the receiver unpacks each payload on its own, so one bad
+payload fails one call. On the wire a batch of messages is one pickle whose
+blobs' buffers follow it as raw frames, received straight into their own
+buffers (no copy of large tensors on the receiving side).
 """
 
 from __future__ import annotations
@@ -19,26 +25,30 @@ import asyncio
 import collections
 import itertools
 import logging
+import pickle
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from distributed.comm import CommClosedError, connect
-from distributed.protocol.serialize import Serialized, merge_and_deserialize
-
-from ._serde import dumps_serialized
+from ._serde import Blob, dumps_blob
 from .exceptions import SerializationError, WorkerLostError
 
-__all__ = ["Channel", "LoopInbox", "ServerEnd", "pack", "unpack"]
+__all__ = ["Blob", "Channel", "LoopInbox", "ServerEnd", "pack", "parse_address", "serve", "unpack"]
 
 logger = logging.getLogger(__name__)
 
-#: The handler name a worker registers for twinkle channels.
-HANDLER = "twinkle"
+#: The Dask RPC handler a worker registers to tell callers its twinkle port.
+PORT_HANDLER = "twinkle_port"
+
+_U64 = struct.Struct("!Q")
+_SMALL = 64 * 1024
+_IN_BAND = 4 * 1024
+_STAGING = 256 * 1024
 
 
-def pack(obj: Any, what: str = "value") -> Serialized:
-    """Serialize ``obj`` into frames that travel without being copied again.
+def pack(obj: Any, what: str = "value") -> Blob:
+    """Serialize ``obj`` into a :class:`Blob`.
 
     Raises
     ------
@@ -46,7 +56,7 @@ def pack(obj: Any, what: str = "value") -> Serialized:
         If ``obj`` cannot be serialized, naming ``what`` it was.
     """
     try:
-        return dumps_serialized(obj)
+        return dumps_blob(obj)
     except Exception as exc:
         raise SerializationError(
             f"cannot serialize {what}: {type(exc).__name__}: {exc}. Everything passed to or "
@@ -57,43 +67,185 @@ def pack(obj: Any, what: str = "value") -> Serialized:
 
 def unpack(obj: Any) -> Any:
     """Inverse of :func:`pack` (plain values pass through)."""
-    if isinstance(obj, Serialized):
-        return merge_and_deserialize(obj.header, obj.frames)
+    if isinstance(obj, Blob):
+        return obj.load()
     return obj
+
+
+def parse_address(address: str) -> tuple[str, str]:
+    """``tcp://host:port`` -> (scheme, host)."""
+    scheme, _, rest = address.partition("://")
+    host = rest.rsplit(":", 1)[0]
+    return scheme, host.strip("[]")
+
+
+# --------------------------------------------------------------------------- wire
+def _encode(batch: list[dict[str, Any]]) -> list[Any]:
+    buffers: list[pickle.PickleBuffer] = []
+
+    def out_of_band(buf: pickle.PickleBuffer) -> bool:
+        if buf.raw().nbytes <= _IN_BAND:
+            return True  # small: stays in the pickle stream
+        buffers.append(buf)
+        return False
+
+    head = pickle.dumps(batch, protocol=5, buffer_callback=out_of_band)
+    frames = [head, *(b.raw() for b in buffers)]
+    sizes = b"".join(_U64.pack(len(f) if isinstance(f, bytes) else f.nbytes) for f in frames)
+    return [_U64.pack(len(frames)), sizes, *frames]
+
+
+class _Framed(asyncio.BufferedProtocol):
+    """Length-prefixed frames; one callback per batch.
+
+    Small frames are parsed out of a staging buffer (many per read); a large
+    frame is received straight into its own buffer, which the unpickled
+    tensor or array then uses as its memory.
+    """
+
+    def __init__(self, on_batch: Callable[[list[dict[str, Any]]], None], on_lost: Callable[[Any], None]) -> None:
+        self.on_batch = on_batch
+        self.on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+        self._stage = bytearray(_STAGING)
+        self._start = 0
+        self._end = 0
+        self._count: int | None = None
+        self._sizes: list[int] | None = None
+        self._frames: list[Any] = []
+        self._big: memoryview | None = None
+        self._big_have = 0
+
+    # -- connection
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.on_lost(exc)
+
+    # -- reading
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._big is not None:
+            return self._big[self._big_have :]
+        if self._end == len(self._stage):
+            if self._start:  # compact what is left of a partly parsed message
+                rest = self._end - self._start
+                self._stage[:rest] = self._stage[self._start : self._end]
+                self._start, self._end = 0, rest
+            else:
+                self._stage.extend(bytes(len(self._stage)))
+        return memoryview(self._stage)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._big is not None:
+            self._big_have += nbytes
+            if self._big_have < len(self._big):
+                return
+            self._frames.append(self._big.obj)
+            self._big = None
+            self._maybe_done()
+        else:
+            self._end += nbytes
+        self._parse()
+
+    def _available(self) -> int:
+        return self._end - self._start
+
+    def _take(self, n: int) -> memoryview:
+        view = memoryview(self._stage)[self._start : self._start + n]
+        self._start += n
+        return view
+
+    def _parse(self) -> None:
+        while self._big is None:
+            if self._count is None:
+                if self._available() < 8:
+                    break
+                self._count = _U64.unpack_from(self._take(8))[0]
+            if self._sizes is None:
+                if self._available() < 8 * self._count:
+                    break
+                raw = self._take(8 * self._count)
+                self._sizes = [_U64.unpack_from(raw, 8 * i)[0] for i in range(self._count)]
+            if not self._next_frame():
+                break
+        if self._start == self._end:
+            self._start = self._end = 0
+            if len(self._stage) > _STAGING:
+                self._stage = bytearray(_STAGING)
+
+    def _next_frame(self) -> bool:
+        """Read the next frame if it is here; False when more bytes are needed."""
+        assert self._sizes is not None
+        size = self._sizes[len(self._frames)]
+        if size <= _SMALL:
+            if self._available() < size:
+                return False
+            self._frames.append(bytearray(self._take(size)))
+            self._maybe_done()
+            return True
+        buf = bytearray(size)
+        have = min(self._available(), size)
+        buf[:have] = self._take(have)
+        if have == size:
+            self._frames.append(buf)
+            self._maybe_done()
+            return True
+        self._big, self._big_have = memoryview(buf), have
+        return False
+
+    def _maybe_done(self) -> None:
+        assert self._sizes is not None
+        if len(self._frames) < len(self._sizes):
+            return
+        frames, self._frames = self._frames, []
+        self._count = self._sizes = None
+        batch = pickle.loads(frames[0], buffers=frames[1:])
+        self.on_batch(batch)
+
+    # -- writing
+    def send_batch(self, batch: list[dict[str, Any]]) -> None:
+        if self.transport is None:
+            raise ConnectionError("the connection is closed")
+        parts = _encode(batch)
+        small = [p for p in parts if (len(p) if isinstance(p, bytes) else p.nbytes) <= _SMALL]
+        if len(small) == len(parts):
+            self.transport.write(b"".join(parts))
+        else:
+            for p in parts:
+                self.transport.write(p)
 
 
 class _Writer:
     """Batches the messages queued while a write is in flight into the next write."""
 
     def __init__(self) -> None:
-        self._queue: list[Any] = []
-        self._writing = False
-        self.comm: Any = None
+        self._queue: list[dict[str, Any]] = []
+        self._flush_scheduled = False
+        self.proto: _Framed | None = None
 
-    def push(self, msg: Any) -> None:
+    def push(self, msg: dict[str, Any]) -> None:
         self._queue.append(msg)
-        if not self._writing and self.comm is not None:
-            self._writing = True
-            asyncio.get_running_loop().create_task(self._drain())
+        if not self._flush_scheduled and self.proto is not None:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
-    def start(self, comm: Any) -> None:
-        self.comm = comm
-        if self._queue and not self._writing:
-            self._writing = True
-            asyncio.get_running_loop().create_task(self._drain())
+    def start(self, proto: _Framed) -> None:
+        self.proto = proto
+        if self._queue and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _drain(self) -> None:
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._queue or self.proto is None:
+            return
+        batch, self._queue = self._queue, []
         try:
-            while self._queue and self.comm is not None:
-                batch, self._queue = self._queue, []
-                await self.comm.write(batch)
-        except (CommClosedError, OSError) as exc:
+            self.proto.send_batch(batch)
+        except Exception as exc:  # a transport closing under us: the reader reports the loss
             logger.debug("twinkle channel write failed: %s", exc)
-            comm, self.comm = self.comm, None
-            if comm is not None:
-                comm.abort()
-        finally:
-            self._writing = False
 
 
 class Channel:
@@ -101,8 +253,8 @@ class Channel:
 
     Used on its event loop only. :meth:`request` returns a future resolved
     with the worker's reply; if the connection fails, every pending request
-    fails with :class:`WorkerLostError` and the channel is marked lost (a new
-    one must be made).
+    fails with :class:`WorkerLostError` and the channel stays lost (requests
+    to a dead worker fail at once).
     """
 
     def __init__(self, address: str, connection_args: dict[str, Any], timeout: float = 10.0) -> None:
@@ -114,38 +266,51 @@ class Channel:
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._writer = _Writer()
         self._task: asyncio.Task[None] | None = None
+        self._proto: _Framed | None = None
 
     def _ensure_started(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = asyncio.get_running_loop().create_task(self._connect())
 
-    async def _run(self) -> None:
-        comm = None
+    async def _connect(self) -> None:
+        from distributed.core import rpc
+
         try:
-            comm = await connect(
-                self.address, timeout=self.timeout, deserialize=False, **self.connection_args
+            async with rpc(self.address, timeout=self.timeout, connection_args=self.connection_args) as r:
+                port = await r.twinkle_port()
+            _, host = parse_address(self.address)
+            ssl = self.connection_args.get("ssl_context")
+            loop = asyncio.get_running_loop()
+            _, proto = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _Framed(self._on_batch, self._on_lost), host, port, ssl=ssl,
+                    server_hostname=host if ssl is not None else None,
+                ),
+                self.timeout,
             )
-            await comm.write({"op": HANDLER, "reply": False})
-            self._writer.start(comm)
-            while True:
-                batch = await comm.read()
-                for reply in batch:
-                    fut = self._pending.pop(reply["i"], None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(reply)
+            self._proto = proto
+            self._writer.start(proto)
         except asyncio.CancelledError:
             self._fail(WorkerLostError(self.address, reason="channel closed"))
             raise
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self._fail(WorkerLostError(self.address, reason=reason))
-        finally:
-            self._writer.comm = None
-            if comm is not None and not comm.closed():
-                comm.abort()
+
+    def _on_batch(self, batch: list[dict[str, Any]]) -> None:
+        for reply in batch:
+            fut = self._pending.pop(reply["i"], None)
+            if fut is not None and not fut.done():
+                fut.set_result(reply)
+
+    def _on_lost(self, exc: Any) -> None:
+        reason = f"{type(exc).__name__}: {exc}" if exc else "the connection closed"
+        self._fail(WorkerLostError(self.address, reason=reason))
 
     def _fail(self, exc: BaseException) -> None:
-        self.lost = exc
+        if self.lost is None:
+            self.lost = exc
+        self._writer.proto = None
         pending, self._pending = self._pending, {}
         for fut in pending.values():
             if not fut.done():
@@ -171,29 +336,66 @@ class Channel:
             self._writer.push(msg)
 
     async def close(self) -> None:
-        if self._task is not None:
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.close()
+        if self._task is not None and not self._task.done():
             self._task.cancel()
             try:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
+        self._fail(WorkerLostError(self.address, reason="channel closed"))
 
 
 class ServerEnd:
     """A worker's end of a channel: requests in, replies out."""
 
-    def __init__(self, comm: Any) -> None:
-        self.comm = comm
+    def __init__(self) -> None:
         self._writer = _Writer()
-        self._writer.start(comm)
+        self.proto: _Framed | None = None
+        self.closed = False
+
+    def attach(self, proto: _Framed) -> None:
+        self.proto = proto
+        self._writer.start(proto)
 
     def reply(self, i: int, **fields: Any) -> None:
+        if self.closed:
+            return
         fields["i"] = i
         self._writer.push(fields)
 
-    @property
-    def closed(self) -> bool:
-        return self._writer.comm is None or self.comm.closed()
+
+async def serve(
+    host: str,
+    on_message: Callable[[dict[str, Any], ServerEnd], None],
+    on_close: Callable[[ServerEnd], None],
+    ssl: Any = None,
+) -> asyncio.AbstractServer:
+    """Listen for channels on ``host`` (a free port); ``on_message`` gets each request."""
+
+    def factory() -> _Framed:
+        end = ServerEnd()
+
+        def on_batch(batch: list[dict[str, Any]]) -> None:
+            for msg in batch:
+                on_message(msg, end)
+
+        def on_lost(exc: Any) -> None:
+            end.closed = True
+            on_close(end)
+
+        proto = _Framed(on_batch, on_lost)
+        original = proto.connection_made
+
+        def made(transport: Any) -> None:
+            original(transport)
+            end.attach(proto)
+
+        proto.connection_made = made  # type: ignore[method-assign]
+        return proto
+
+    return await asyncio.get_running_loop().create_server(factory, host, 0, ssl=ssl)
 
 
 class LoopInbox:

@@ -23,8 +23,6 @@ from typing import Any
 
 from dask.sizeof import sizeof
 from distributed import WorkerPlugin
-from distributed.comm import CommClosedError
-from distributed.core import Status
 
 from . import identity as _identity
 from . import runtime
@@ -33,7 +31,7 @@ from ._seed import seed_everything
 from ._serde import had_device_tensors, set_cuda_landing
 from .call import INLINE_ALL, INLINE_BYTES, INLINE_SMALL
 from .caller import Caller
-from .channel import HANDLER, ServerEnd, pack, unpack
+from .channel import PORT_HANDLER, ServerEnd, pack, parse_address, serve, unpack
 from .exceptions import ComponentClosedError, ConfigurationError, SerializationError
 from .group import create_component, identity_from_wire
 from .lazy import Meta
@@ -348,8 +346,11 @@ class TwinkleWorker:
         self.children: list[Any] = []
         #: Counters for tests and benchmarks: results served to other processes.
         self.stats = {"fetches": 0, "fetch_bytes": 0, "calls": 0}
-        self.caller = Caller(self.loop, worker.connection_args, in_worker=True)
-        worker.handlers[HANDLER] = self.handle_comm
+        self.caller = Caller(self.loop, worker.connection_args, in_worker=True, connect_timeout=5.0)
+        self.port: int | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._listening = self.loop.create_task(self._listen())
+        worker.handlers[PORT_HANDLER] = self.twinkle_port
         worker.extensions[self.name] = self
         # Tensors that left a GPU land on this worker's GPU (device 0 of its CUDA_VISIBLE_DEVICES).
         set_cuda_landing(os.environ.get("TWINKLE_GPU") == "1")
@@ -376,20 +377,22 @@ class TwinkleWorker:
             )
         return host
 
-    async def handle_comm(self, comm: Any, **_: Any) -> Any:
-        comm.deserialize = False
-        end = ServerEnd(comm)
-        try:
-            while True:
-                batch = await comm.read()
-                for msg in batch:
-                    self._on_message(msg, end)
-        except (CommClosedError, OSError):
-            pass
-        finally:
-            for cid in [c for c, h in self.hosts.items() if h.owner is end]:
-                self._close(cid)
-        return Status.dont_reply
+    async def _listen(self) -> None:
+        _, host = parse_address(self.worker.address)
+        ssl = self.worker.security.get_listen_args("worker").get("ssl_context")
+        self._server = await serve(host, self._on_message, self._on_channel_closed, ssl=ssl)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def twinkle_port(self, **_: Any) -> int:
+        """Dask RPC handler: the port this worker's twinkle channels listen on."""
+        await asyncio.shield(self._listening)
+        assert self.port is not None
+        return self.port
+
+    def _on_channel_closed(self, end: ServerEnd) -> None:
+        # The caller that built these components went away (its process exited): free them.
+        for cid in [c for c, h in self.hosts.items() if h.owner is end]:
+            self._close(cid)
 
     def _on_message(self, msg: dict[str, Any], end: ServerEnd) -> None:
         kind = msg["t"]
@@ -441,7 +444,7 @@ class TwinkleWorker:
             value = extract(outcome.value, msg.get("p") or (), msg.get("r"))
             packed = pack(value, f"the result of {host.label}")
             self.stats["fetches"] += 1
-            self.stats["fetch_bytes"] += sum(memoryview(f).nbytes for f in packed.frames)
+            self.stats["fetch_bytes"] += packed.nbytes
             end.reply(msg["i"], ok=True, v=packed)
         except Exception as exc:
             end.reply(msg["i"], ok=False, **encode_error(exc))
