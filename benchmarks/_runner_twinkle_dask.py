@@ -1,216 +1,420 @@
-"""The twinkle_dask side of ``vs_twinkle_ray.py``: one long-lived process running workloads on request.
+"""Benchmark runner for twinkle_dask: the twin of ``_runner_twinkle_ray.py``.
 
-Protocol: each stdin line is a JSON object ``{"op": name, ...params}``; each reply is one JSON line
-on stdout, ``{"ok": true, "times": [seconds, ...], ...}`` or ``{"ok": false, "error": "..."}``.
-Everything else this process prints goes to stderr. The workloads mirror
-``_runner_twinkle_ray.py`` op for op; only the import differs.
+Same line protocol, same components and ops (see that file's docstring); only
+the import and the initialization differ: ``twinkle_dask.initialize('dask',
+...)`` starts a local Dask cluster with one worker process per rank. The
+orchestrator ``vs_twinkle_ray.py`` starts it with this project's interpreter.
 """
 
-from __future__ import annotations
-
-import json
 import os
 import sys
-import time
-import traceback
-from typing import Any
 
-_protocol = sys.stdout
+_REPLY = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+os.dup2(2, 1)
 sys.stdout = sys.stderr
 
+import gc  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+_t_import = time.perf_counter()
+import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
 import twinkle_dask as twinkle  # noqa: E402
 from twinkle_dask import DeviceGroup, DeviceMesh, remote_class, remote_function  # noqa: E402
 
-HIDDEN, FEATURES, CLASSES, PER_RANK = 256, 256, 10, 64
+IMPORT_S = time.perf_counter() - _t_import
+
+MIB = 1 << 20
+
+
+class Platform:
+    """Twinkle's ``Platform.get_rank`` in twinkle_dask terms."""
+
+    get_rank = staticmethod(twinkle.get_rank)
+
+
+# =============================================================================
+# Components: the same code as in _runner_twinkle_ray.py (they take **kwargs
+# there because Ray checks constructor calls against the original signature).
+# =============================================================================
 
 
 @remote_class()
-class Worker:
-    """A component with the methods the latency workloads call."""
+class Bench:
+    """A plain N-rank component for the call-overhead ops."""
+
+    def __init__(self, **kwargs):
+        # Twinkle sets RANK/WORLD_SIZE in each actor's runtime env.
+        self.rank = Platform.get_rank()
+        self._tensor = None
 
     @remote_function(dispatch="all", collect="none", lazy_collect=False)
-    def noop(self) -> None:
+    def noop(self):
+        """call_all / scaling: no payload, nothing returned."""
         return None
 
     @remote_function(dispatch="slice", collect="flatten", lazy_collect=False)
-    def echo_slice(self, items: list[int]) -> list[int]:
+    def echo(self, items):
+        """slice_flatten: each rank returns its slice; flatten rebuilds the list."""
         return items
 
-    @remote_function(dispatch="all", collect="none")
-    def small(self) -> int:
-        return 1
+    @remote_function(dispatch="all", collect="none", lazy_collect=True)
+    def small(self, i):
+        """pipelined: a small int per rank, collected lazily."""
+        return i
 
+    @remote_function(dispatch="all", collect="flatten", lazy_collect=True)
+    def make_tensor(self, mib):
+        """handoff producer: `mib` MiB of float32 per rank, filled with rank + 1.
 
-@remote_class()
-class Producer:
-    @remote_function(dispatch="all", collect="flatten")
-    def tensor(self, mib: int) -> torch.Tensor:
-        n = mib * (1 << 20) // 4
-        return torch.full((n,), float(twinkle.get_rank()), dtype=torch.float32)
+        Returned as a one-element *list*, as in the Ray runner (where Twinkle's
+        'flatten' would iterate a bare tensor element by element). The tensor
+        is allocated once and reused, so the op measures moving data.
+        """
+        numel = mib * MIB // 4
+        if self._tensor is None or self._tensor.numel() != numel:
+            self._tensor = torch.full((numel,), float(self.rank + 1), dtype=torch.float32)
+        return [self._tensor]
 
 
 @remote_class()
 class Consumer:
-    def __init__(self, device_mesh: DeviceMesh = None) -> None:
-        self.mesh = device_mesh
+    """handoff consumer; takes a DeviceMesh so that 'slice_dp' can be used."""
 
-    @remote_function(dispatch="slice_dp", collect="none")
-    def checksum(self, t: torch.Tensor) -> float:
-        return float(t.sum())
+    def __init__(self, device_mesh: DeviceMesh, **kwargs):
+        # Twinkle re-dispatches a lazy input *inside the worker* using the
+        # instance's `device_mesh` attribute, so the instance must keep it.
+        self.device_mesh = device_mesh
+
+    @remote_function(dispatch="slice_dp", collect="none", lazy_collect=False)
+    def checksum(self, shards):
+        """Rank k receives [A's rank-k tensor]; returns its sum (exact, float64)."""
+        return float(sum(t.sum(dtype=torch.float64).item() for t in shards))
 
 
 @remote_class(execute="first")
-class Batches:
-    def __init__(self, ranks: int) -> None:
-        gen = torch.Generator().manual_seed(0)
-        self.x = torch.randn(ranks * PER_RANK, FEATURES, generator=gen)
-        self.y = torch.randint(0, CLASSES, (ranks * PER_RANK,), generator=gen)
+class Dataset:
+    """A single-actor data source yielding deterministic random batches."""
 
-    @remote_function(collect="first")
-    def batch(self) -> dict[str, torch.Tensor]:
-        return {"x": self.x, "y": self.y}
+    def __init__(self, rows: int = 4 * 64, features: int = 256, num_classes: int = 10, seed: int = 0,
+                 **kwargs):
+        # (Not `self.classes`: cloudpickle would then try to ship the `torch.classes`
+        # pseudo-module with get_batch, because the name `classes` appears in its code.)
+        self.rows, self.features, self.num_classes = rows, features, num_classes
+        self.gen = torch.Generator().manual_seed(seed)
+
+    @remote_function(execute="first", dispatch="all", collect="none", lazy_collect=True)
+    def get_batch(self):
+        x = torch.randn(self.rows, self.features, generator=self.gen)
+        labels = torch.randint(0, self.num_classes, (self.rows,), generator=self.gen)
+        return {"x": x, "labels": labels}
 
 
 @remote_class()
-class MLP:
-    def __init__(self, device_mesh: DeviceMesh = None) -> None:
-        torch.manual_seed(0)
-        self.model = torch.nn.Sequential(
-            torch.nn.Linear(FEATURES, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, CLASSES)
-        )
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
+class Trainer:
+    """A small data-parallel MLP: each rank trains on its dp slice of the batch.
 
-    @remote_function(dispatch="slice_dp", collect="mean")
-    def forward_backward(self, batch: dict[str, torch.Tensor]) -> float:
-        self.opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(self.model(batch["x"]), batch["y"])
+    No gradient all-reduce: the op measures the single-controller plumbing
+    (lazy batch -> slice_dp -> mean-collected loss), not collectives.
+    """
+
+    def __init__(self, device_mesh: DeviceMesh, lr: float = 0.1, seed: int = 0, **kwargs):
+        self.device_mesh = device_mesh  # needed for the worker-side slice_dp
+        torch.manual_seed(seed)  # identical initial weights on every rank
+        self.model = torch.nn.Sequential(
+            torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)
+        )
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=lr)
+
+    @remote_function(dispatch="slice_dp", collect="mean", lazy_collect=True)
+    def forward_backward(self, batch):
+        self.opt.zero_grad(set_to_none=True)
+        logits = self.model(batch["x"])
+        loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
         loss.backward()
         return float(loss.item())
 
-    @remote_function(dispatch="all")
-    def step(self) -> None:
+    @remote_function(dispatch="all", collect="none", lazy_collect=False)
+    def step(self):
         self.opt.step()
 
 
-class Runner:
-    def __init__(self) -> None:
-        self.started = False
-        self.parts: dict[str, Any] = {}
+# =============================================================================
+# Runner state and ops
+# =============================================================================
 
-    def _init(self, groups: dict[str, int]) -> None:
+
+class OpError(Exception):
+    """A request that cannot be served (bad params, wrong order)."""
+
+
+class Runner:
+    def __init__(self):
+        self.requests = 0  # requests received so far, this one included
+        self.groups = None  # {name: ranks} once Twinkle is initialized
+        self.num_cpus = None
+        self.components = {}  # name -> driver-side Twinkle handle
+
+    # ---- initialization -----------------------------------------------------
+
+    def initialize(self, groups):
+        """twinkle_dask.initialize with the given CPU groups; returns seconds."""
+        if self.groups is not None:
+            raise OpError(f"Twinkle is already initialized with groups {self.groups}")
+        t0 = time.perf_counter()
         twinkle.initialize(
             "dask",
-            groups=[DeviceGroup(name=name, ranks=n, device_type="cpu") for name, n in groups.items()],
+            seed=42,
             dashboard_address=None,
+            groups=[DeviceGroup(name=n, ranks=r, device_type="cpu") for n, r in groups.items()],
         )
-        self.started = True
+        self.groups = dict(groups)
+        return time.perf_counter() - t0
 
-    def startup(self, ranks: int = 4) -> dict[str, Any]:
-        if self.started:
-            return {"ok": False, "error": "startup must be the first op of a runner"}
-        t0 = time.perf_counter()
-        self._init({"a": ranks})
-        t1 = time.perf_counter()
-        worker = Worker(remote_group="a")
-        worker.noop()
-        t2 = time.perf_counter()
-        self.parts["a"] = worker
-        return {"ok": True, "times": [t2 - t0], "init_s": t1 - t0, "component_s": t2 - t1}
+    def need_group(self, name, ranks=None):
+        if self.groups is None:
+            raise OpError("not initialized: send 'setup' first")
+        if name not in self.groups:
+            raise OpError(f"group {name!r} missing from setup groups {self.groups}")
+        if ranks is not None and self.groups[name] != ranks:
+            raise OpError(f"group {name!r} has {self.groups[name]} ranks, this op needs {ranks}")
+        return self.groups[name]
 
-    def setup(self, groups: dict[str, int]) -> dict[str, Any]:
-        if not self.started:
-            self._init(groups)
-        if "a" in groups:
-            self.parts["a"] = Worker(remote_group="a")
-            self.parts["producer"] = Producer(remote_group="a")
-            self.parts["mlp"] = MLP(DeviceMesh.from_sizes(dp_size=groups["a"]), remote_group="a")
-        if "b" in groups:
-            self.parts["consumer"] = Consumer(DeviceMesh.from_sizes(dp_size=groups["b"]), remote_group="b")
-        if "d" in groups:
-            self.parts["data"] = Batches(groups.get("a", 4), remote_group="d")
-        for name, n in groups.items():
-            if name.startswith("s"):
-                self.parts[name] = Worker(remote_group=name)
-        return {"ok": True}
+    # ---- components ---------------------------------------------------------
+
+    def build(self, key):
+        """Construct a component (returns when every rank's __init__ has run)."""
+        if key in self.components:
+            return self.components[key]
+        kind, group = key.split("@")
+        ranks = self.need_group(group)
+        # An explicit instance_id: Twinkle otherwise names actors after the
+        # calling file:line, which would collide for two builds from one line.
+        opts = dict(remote_group=group, instance_id=key)
+        if kind == "bench":
+            comp = Bench(**opts)
+        elif kind == "dataset":
+            comp = Dataset(**opts)
+        elif kind == "consumer":
+            comp = Consumer(device_mesh=DeviceMesh.from_sizes(dp_size=ranks), **opts)
+        elif kind == "trainer":
+            comp = Trainer(device_mesh=DeviceMesh.from_sizes(dp_size=ranks), **opts)
+        else:
+            raise OpError(f"unknown component {key!r}")
+        self.components[key] = comp
+        return comp
 
     @staticmethod
-    def _time(fn: Any, iters: int) -> list[float]:
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return times
+    def wait_ready(comp):
+        """Components are ready when their constructor returns."""
 
-    def call_all(self, iters: int) -> dict[str, Any]:
-        return {"ok": True, "times": self._time(self.parts["a"].noop, iters)}
+    def get(self, key):
+        """A built component; builds (and waits for) it if setup did not."""
+        if key not in self.components:
+            self.wait_ready(self.build(key))
+        return self.components[key]
 
-    def slice_flatten(self, iters: int) -> dict[str, Any]:
-        items = list(range(16))
-        assert self.parts["a"].echo_slice(items) == items
-        return {"ok": True, "times": self._time(lambda: self.parts["a"].echo_slice(items), iters)}
+    # ---- ops ----------------------------------------------------------------
 
-    def pipelined(self, calls: int) -> dict[str, Any]:
+    def op_startup(self, ranks=4):
+        if self.requests != 1:
+            raise OpError("'startup' is only valid as the first request of a runner process")
+        ranks = int(ranks)
+        init_s = self.initialize({"startup": ranks})
         t0 = time.perf_counter()
-        results = [self.parts["a"].small() for _ in range(calls)]
-        values = [r() for r in results]
-        elapsed = time.perf_counter() - t0
-        assert values[-1] == [1] * len(values[-1])
-        return {"ok": True, "times": [elapsed]}
+        comp = Bench(remote_group="startup", instance_id="bench@startup")
+        comp.noop()  # first (blocking) call: waits for all actors to start
+        component_s = time.perf_counter() - t0
+        self.components["bench@startup"] = comp
+        return {"times": [init_s + component_s], "init_s": init_s,
+                "component_s": component_s, "import_s": IMPORT_S}
 
-    def handoff(self, iters: int, mib: int = 4) -> dict[str, Any]:
-        producer, consumer = self.parts["producer"], self.parts["consumer"]
-        n = mib * (1 << 20) // 4
-        expected = [float(r * n) for r in range(4)]
-        assert consumer.checksum(producer.tensor(mib))() == expected
-        rss0 = psutil.Process().memory_info().rss
-        times = self._time(lambda: consumer.checksum(producer.tensor(mib))(), iters)
-        rss1 = psutil.Process().memory_info().rss
-        return {"ok": True, "times": times, "rss_growth_mib": (rss1 - rss0) / (1 << 20)}
+    def op_setup(self, groups):
+        if not isinstance(groups, dict) or not groups:
+            raise OpError("'groups' must be a non-empty object {name: ranks}")
+        groups = {str(k): int(v) for k, v in groups.items()}
+        t0 = time.perf_counter()
+        init_s = self.initialize(groups) if self.groups is None else 0.0
+        if self.groups != groups:
+            raise OpError(f"already initialized with different groups {self.groups}")
+        keys = []
+        if "a" in groups:
+            keys += ["bench@a", "dataset@a"]
+        if "b" in groups:
+            keys += ["consumer@b", "trainer@b"]
+        keys += [f"bench@{g}" for g in groups if g[:1] == "s" and g[1:].isdigit()]
+        t1 = time.perf_counter()
+        comps = [self.build(k) for k in keys]  # actor creation overlaps ...
+        for comp in comps:  # ... and we wait for all of them here
+            self.wait_ready(comp)
+        build_s = time.perf_counter() - t1
+        return {"times": [time.perf_counter() - t0], "init_s": init_s, "build_s": build_s,
+                "num_cpus": self.num_cpus, "groups": self.groups, "components": keys}
 
-    def train_step(self, iters: int) -> dict[str, Any]:
-        data, mlp = self.parts["data"], self.parts["mlp"]
+    def op_call_all(self, iters, warmup=1):
+        bench = self.get("bench@a")
+        times = []
+        for i in range(warmup + iters):
+            t0 = time.perf_counter()
+            bench.noop()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        return {"times": times}
 
-        def one() -> None:
-            loss = mlp.forward_backward(data.batch())
-            mlp.step()
-            loss()
+    def op_slice_flatten(self, iters, warmup=1):
+        bench = self.get("bench@a")
+        items = list(range(16))
+        times = []
+        for i in range(warmup + iters):
+            t0 = time.perf_counter()
+            out = bench.echo(items)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+            if i == 0 and out != items:
+                raise OpError(f"slice/flatten returned {out!r}, expected {items!r}")
+        return {"times": times}
 
-        one()
-        return {"ok": True, "times": self._time(one, iters)}
+    def op_pipelined(self, calls=1000, warmup=1):
+        bench = self.get("bench@a")
+        n = self.need_group("a")
+        for i in range(warmup):
+            bench.small(i)()
+        t0 = time.perf_counter()
+        lazies = [bench.small(i) for i in range(calls)]  # issue everything first
+        results = [lz() for lz in lazies]  # then collect (r() collects)
+        total = time.perf_counter() - t0
+        if results[-1] != [calls - 1] * n:
+            raise OpError(f"pipelined: last result {results[-1]!r}, expected {[calls - 1] * n!r}")
+        return {"times": [total], "calls": calls}
 
-    def scaling(self, ranks: list[int], iters: int) -> dict[str, Any]:
-        if not self.started:
-            self.setup({f"s{n}": n for n in ranks})
+    def op_handoff(self, iters, mib=4, warmup=1):
+        ranks = self.need_group("a")
+        self.need_group("b", ranks)  # rank k of B consumes rank k of A
+        producer, consumer = self.get("bench@a"), self.get("consumer@b")
+        mib = int(mib)
+        numel = mib * MIB // 4
+        expected = [float(numel * (k + 1)) for k in range(ranks)]
+        proc = psutil.Process()
+
+        def one():
+            shards = producer.make_tensor(mib)  # lazy: stays on the producer workers
+            return consumer.checksum(shards)  # B pulls it worker-to-worker
+
+        for _ in range(warmup):
+            one()
+        gc.collect()
+        rss0 = proc.memory_info().rss
+        times, sums = [], None
+        for i in range(iters):
+            t0 = time.perf_counter()
+            got = one()
+            times.append(time.perf_counter() - t0)
+            if i == 0:
+                sums = got
+                if got != expected:
+                    raise OpError(f"handoff checksums {got!r}, expected {expected!r}")
+        gc.collect()
+        rss_growth = (proc.memory_info().rss - rss0) / MIB
+        return {"times": times, "rss_growth_mib": rss_growth, "mib": mib, "checksums": sums}
+
+    def op_train_step(self, iters, warmup=1):
+        dataset, trainer = self.get("dataset@a"), self.get("trainer@b")
+        times, losses = [], []
+        for i in range(warmup + iters):
+            t0 = time.perf_counter()
+            batch = dataset.get_batch()  # lazy: the batch never visits the driver
+            loss = trainer.forward_backward(batch)  # lazy
+            trainer.step()  # blocking; runs after forward_backward on every rank
+            loss = float(loss())  # collect: mean over the dp ranks
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+                losses.append(loss)
+        if not all(np.isfinite(losses)):
+            raise OpError(f"non-finite loss: {losses}")
+        return {"times": times, "loss_first": losses[0] if losses else None,
+                "loss_last": losses[-1] if losses else None}
+
+    def op_scaling(self, ranks=(1, 2, 4, 8), iters=100, warmup=1):
+        ranks = [int(k) for k in ranks]
+        if self.groups is None:
+            self.initialize({f"s{k}": k for k in ranks})
+        for k in ranks:
+            self.need_group(f"s{k}", k)
+        # Build every size first and only then measure, so that no measurement
+        # competes with other actors still starting.
+        t0 = time.perf_counter()
+        benches = {k: self.build(f"bench@s{k}") for k in ranks}
+        for comp in benches.values():
+            self.wait_ready(comp)
+        build_s = time.perf_counter() - t0
         by_ranks = {}
-        for n in ranks:
-            worker = self.parts[f"s{n}"]
-            for _ in range(5):
-                worker.noop()
-            by_ranks[str(n)] = self._time(worker.noop, iters)
-        return {"ok": True, "by_ranks": by_ranks}
+        for k, bench in benches.items():
+            times = []
+            for i in range(warmup + iters):
+                t1 = time.perf_counter()
+                bench.noop()
+                if i >= warmup:
+                    times.append(time.perf_counter() - t1)
+            by_ranks[str(k)] = times
+        return {"times": [], "by_ranks": by_ranks, "build_s": build_s}
+
+    def op_shutdown(self):
+        return {"times": []}
+
+    def close(self):
+        twinkle.shutdown()
 
 
-def main() -> None:
+OPS = {
+    "startup": Runner.op_startup,
+    "setup": Runner.op_setup,
+    "call_all": Runner.op_call_all,
+    "slice_flatten": Runner.op_slice_flatten,
+    "pipelined": Runner.op_pipelined,
+    "handoff": Runner.op_handoff,
+    "train_step": Runner.op_train_step,
+    "scaling": Runner.op_scaling,
+    "shutdown": Runner.op_shutdown,
+}
+
+
+def reply(obj):
+    _REPLY.write(json.dumps(obj) + "\n")
+    _REPLY.flush()
+
+
+def main():
+    # A terminated runner still runs the `finally` below, so the local cluster goes with it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     runner = Runner()
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        request = json.loads(line)
-        op = request.pop("op")
-        if op == "shutdown":
-            break
-        try:
-            reply = getattr(runner, op)(**request)
-        except Exception as exc:
-            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-        _protocol.write(json.dumps(reply) + "\n")
-        _protocol.flush()
-    twinkle.shutdown()
-    os._exit(0)
+    try:
+        for line in sys.stdin:
+            line = line.strip()
+            if not line:
+                continue
+            runner.requests += 1
+            try:
+                req = json.loads(line)
+                if not isinstance(req, dict):
+                    raise OpError("a request must be a JSON object")
+                name = req.pop("op", None)
+                if name not in OPS:
+                    raise OpError(f"unknown op {name!r}; known: {sorted(OPS)}")
+                result = OPS[name](runner, **req)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
+                traceback.print_exc(file=sys.stderr)
+                reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            reply({"ok": True, **result})
+            if name == "shutdown":
+                break
+    finally:
+        runner.close()
 
 
 if __name__ == "__main__":

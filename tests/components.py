@@ -248,3 +248,8 @@ class OnGPU:
         t = torch.tensor([value], device=self.device)
         dist.all_reduce(t)
         return float(t.item())
+
+
+@remote_class(max_restarts=2)
+class Resilient(Echo):
+    """An Echo that is rebuilt automatically after its worker dies."""

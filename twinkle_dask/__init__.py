@@ -26,7 +26,7 @@ from .exceptions import (
     WorkerLostError,
 )
 from .futures import LazyResult
-from .group import close_component
+from .group import close_component, restart_component
 from .identity import get_local_rank, get_rank, get_world_size, is_master
 from .mesh import DeviceGroup, DeviceMesh
 from .placement import get_device_placement
@@ -61,5 +61,6 @@ __all__ = [
     "register_dispatch",
     "remote_class",
     "remote_function",
+    "restart_component",
     "shutdown",
 ]

@@ -81,6 +81,14 @@ class Caller:
         """Drop the channel to ``address`` so the next request connects anew (loop thread only)."""
         self._channels.pop(address, None)
 
+    def forget_threadsafe(self, address: str) -> None:
+        self.post(lambda: self.forget(address))
+
+    def is_lost(self, address: str) -> bool:
+        """Whether the channel to ``address`` broke (read from any thread)."""
+        ch = self._channels.get(address)
+        return ch is not None and ch.lost is not None
+
     def request(self, address: str, msg: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
         """Send a request from the loop thread."""
         return self.channel(address).request(msg)

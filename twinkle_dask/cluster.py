@@ -77,18 +77,42 @@ class WorkerProcess(ProcessInterface):
         self.env = env
         self.host = host
         self.process: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self._stopping = False
+        self._watch: asyncio.Task[None] | None = None
         super().__init__()
 
-    async def start(self) -> None:
+    async def _spawn(self) -> None:
         cmd = [sys.executable, "-m", "twinkle_dask._launch", self.scheduler, "--name", self.worker_name,
                "--host", self.host, "--resources", json.dumps(self.resources), "--parent", str(os.getpid())]
         if self.cuda:
             cmd.append("--cuda")
         self.process = await asyncio.create_subprocess_exec(*cmd, env=self.env, stdin=asyncio.subprocess.DEVNULL)
+
+    async def start(self) -> None:
+        await self._spawn()
+        self._watch = asyncio.get_running_loop().create_task(self._respawn_when_lost())
         await super().start()
+
+    async def _respawn_when_lost(self) -> None:
+        """Like a nanny: a worker process that dies is started again (same name, same group tag)."""
+        while not self._stopping:
+            proc = self.process
+            if proc is None:
+                return
+            code = await proc.wait()
+            if self._stopping:
+                return
+            self.restarts += 1
+            logger.warning("twinkle_dask: worker %s exited with code %s; starting it again (restart %d)",
+                           self.worker_name, code, self.restarts)
+            await asyncio.sleep(min(5.0, 0.2 * self.restarts))
+            if not self._stopping:
+                await self._spawn()
 
     async def stop(self, grace: float = 5.0) -> None:
         """Ask the worker to close itself (SIGTERM), then kill it after ``grace`` seconds."""
+        self._stopping = True
         proc = self.process
         if proc is None or proc.returncode is not None:
             return
@@ -100,6 +124,9 @@ class WorkerProcess(ProcessInterface):
             await proc.wait()
 
     async def close(self) -> None:
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
         proc = self.process
         if proc is not None and proc.returncode is None:
             try:
@@ -298,7 +325,7 @@ def _placements_by_name(client: Client, groups: Sequence[ResolvedGroup]) -> dict
         chosen = [by_name[_worker_name(group.name, i)] for i in range(group.num_workers)]
         out[group.name] = GroupPlacement(
             group.name, group.device_type, tuple(a for a, _ in chosen), tuple(w["host"] for _, w in chosen),
-            group.devices, group.gpus_per_worker,
+            group.devices, group.gpus_per_worker, tuple(str(w["name"]) for _, w in chosen),
         )
     return out
 
@@ -405,6 +432,6 @@ def map_groups(client: Client, groups: Sequence[ResolvedGroup], nproc_per_node: 
             client.run(_tag_worker, resources={resource_name(group.name): 1}, workers=new)
         out[group.name] = GroupPlacement(
             group.name, group.device_type, tuple(chosen), tuple(info[a]["host"] for a in chosen),
-            group.devices, group.gpus_per_worker,
+            group.devices, group.gpus_per_worker, tuple(str(info[a].get("name", a)) for a in chosen),
         )
     return out

@@ -67,10 +67,10 @@ def remote_class(execute: C) -> C: ...
 
 
 @overload
-def remote_class(execute: str = "all") -> Callable[[C], C]: ...
+def remote_class(execute: str = "all", *, max_restarts: int = 0) -> Callable[[C], C]: ...
 
 
-def remote_class(execute: Any = "all") -> Any:
+def remote_class(execute: Any = "all", *, max_restarts: int = 0) -> Any:
     """Mark a class as a component that can be built in a device group's workers.
 
     Parameters
@@ -80,6 +80,11 @@ def remote_class(execute: Any = "all") -> Any:
         instance on the group's first rank (Datasets, DataLoaders), whose mesh
         is dp=1; ``'peer'`` the ranks picked by the creating process's own
         RANK/WORLD_SIZE.
+    max_restarts : int, default 0
+        How many times a component whose worker was lost is rebuilt
+        automatically (with its original constructor arguments) before the
+        next call; the call that met the loss still fails. 0: never, call
+        ``handle.restart()`` yourself.
 
     Returns
     -------
@@ -109,12 +114,13 @@ def remote_class(execute: Any = "all") -> Any:
     """
     if isinstance(execute, type):
         return remote_class()(execute)
-    spec = ClassSpec(execute=execute)
+    spec = ClassSpec(execute=execute, max_restarts=max_restarts)
 
     def decorate(cls: C) -> C:
         if not isinstance(cls, type):
             raise TypeError(f"@remote_class decorates classes, got {cls!r}")
-        setattr(cls, SPEC_ATTR, ClassSpec(execute=spec.execute, mesh_param=mesh_param_of(cls)))
+        setattr(cls, SPEC_ATTR, ClassSpec(execute=spec.execute, mesh_param=mesh_param_of(cls),
+                                          max_restarts=spec.max_restarts))
         _install_construction_hooks(cls)
         return cls
 

@@ -35,7 +35,14 @@ from .identity import Identity, get_rank, get_world_size
 from .mesh import DeviceMesh
 from .specs import SPEC_ATTR, ClassSpec, MethodSpec, class_spec, method_spec, prepare_init_arguments
 
-__all__ = ["ComponentHandle", "ComponentRef", "RemoteMethod", "close_component", "create_component"]
+__all__ = [
+    "ComponentHandle",
+    "ComponentRef",
+    "RemoteMethod",
+    "close_component",
+    "create_component",
+    "restart_component",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +94,30 @@ def _wait_all(futures: list[concurrent.futures.Future[dict[str, Any]]]) -> list[
     return out
 
 
-def create_component(session: Any, klass: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Build ``klass`` in a group's workers and return its handle."""
+@dataclass(frozen=True, slots=True)
+class BuildPlan:
+    """Everything needed to build (and rebuild) a component's instances."""
+
+    klass: type
+    group: str
+    execute: str
+    indices: tuple[int, ...]
+    mesh: DeviceMesh | None
+    payload: Any
+    has_lazy: bool
+    max_restarts: int
+
+    @property
+    def label(self) -> str:
+        return self.klass.__name__
+
+
+def _plan(session: Any, klass: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[BuildPlan, list[Any]]:
     kwargs = dict(kwargs)
     group = kwargs.pop("remote_group")
     kwargs.pop("instance_id", None)
     cspec = class_spec(klass) or ClassSpec()
     place = session.placement(group)
-    site = caller_site()
     n_workers = len(place.addresses)
     if cspec.execute == "all":
         picked = list(range(n_workers))
@@ -117,13 +140,21 @@ def create_component(session: Any, klass: type, args: tuple[Any, ...], kwargs: d
                 f"{group!r} gives it {n} rank(s); pass a mesh of {n} ranks, e.g. "
                 f"DeviceMesh.from_sizes(dp_size={n})"
             )
+    handle_class(klass)  # reject methods that clash with the handle before building anything
     args, kwargs, held = prepare_inputs(args, kwargs)
     payload = pack((klass, args, kwargs, session.session_info()), f"the constructor arguments of {klass.__name__}")
-    cid = f"{group}-{klass.__name__}-{uuid.uuid4().hex[:10]}"
-    addresses = tuple(place.addresses[i] for i in picked)
-    hosts = [place.hosts[i] for i in picked]
-    caller = session.caller
+    plan = BuildPlan(klass, group, cspec.execute, tuple(picked), mesh, payload, bool(held), cspec.max_restarts)
+    return plan, held
 
+
+def _build(session: Any, plan: BuildPlan, site: str | None) -> ComponentRef:
+    """Build the plan's instances on the group's current workers; raise the first rank's failure."""
+    place = session.placement(plan.group)
+    label, group, n = plan.label, plan.group, len(plan.indices)
+    cid = f"{group}-{label}-{uuid.uuid4().hex[:10]}"
+    addresses = tuple(place.addresses[i] for i in plan.indices)
+    hosts = [place.hosts[i] for i in plan.indices]
+    caller = session.caller
     port_reply = caller.request_threadsafe(addresses[0], {"t": "port"}).result()
     master_addr, master_port = hosts[0], int(port_reply["port"])
     futures = []
@@ -133,35 +164,64 @@ def create_component(session: Any, klass: type, args: tuple[Any, ...], kwargs: d
         else:
             local_rank = hosts[:rank].count(hosts[rank])
             local_world = hosts.count(hosts[rank])
-        ident = Identity(rank, n, local_rank, local_world, master_addr, master_port, group,
-                         f"{group}-{klass.__name__}-{rank}")
-        msg = {"t": "new", "c": cid, "p": payload, "id": list(_identity_wire(ident)),
-               "lbl": klass.__name__, "lz": bool(held)}
+        ident = Identity(rank, n, local_rank, local_world, master_addr, master_port, group, f"{group}-{label}-{rank}")
+        msg = {"t": "new", "c": cid, "p": plan.payload, "id": list(_identity_wire(ident)), "lbl": label,
+               "lz": plan.has_lazy}
         futures.append(caller.request_threadsafe(address, msg))
     replies = _wait_all(futures)
-    failure = None
+    ref = ComponentRef(cid, plan.klass, group, plan.execute, tuple(range(n)), addresses, plan.mesh,
+                       getattr(session, "session_id", ""))
     for rank, reply in enumerate(replies):
         if isinstance(reply, BaseException):
             exc: BaseException = reply
             if isinstance(reply, WorkerLostError):
-                exc = WorkerLostError(reply.address, group=group, rank=rank,
-                                      component=f"{klass.__name__}.__init__", reason=reply.reason)
+                exc = WorkerLostError(reply.address, group=group, rank=rank, component=f"{label}.__init__",
+                                      reason=reply.reason)
         elif not reply.get("ok"):
-            exc = decode_error(reply, f"raised by {klass.__name__}.__init__ on rank {rank} of group "
-                               f"{group!r} ({addresses[rank]})", f"called from {site}" if site else "")
+            exc = decode_error(reply, f"raised by {label}.__init__ on rank {rank} of group {group!r} "
+                               f"({addresses[rank]})", f"called from {site}" if site else "")
         else:
             continue
-        failure = exc
-        break
-    del held
-    ref = ComponentRef(cid, klass, group, cspec.execute, tuple(range(n)), addresses, mesh,
-                       getattr(session, "session_id", ""))
-    if failure is not None:
         _send_close(caller, ref)
-        raise failure
-    session.track(ref)
-    logger.info("built %s on group %r ranks %s", klass.__name__, group, list(picked))
-    return make_handle(ref, group)
+        raise exc
+    logger.info("built %s on group %r ranks %s", label, group, list(plan.indices))
+    return ref
+
+
+def create_component(session: Any, klass: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Build ``klass`` in a group's workers and return its handle."""
+    site = caller_site()
+    plan, held = _plan(session, klass, args, kwargs)
+    ref = _build(session, plan, site)
+    del held  # lazy constructor inputs were fetched: the producers may free them
+    session.track(ref, plan)
+    return make_handle(ref, plan.group)
+
+
+def restart_component(handle: Any, timeout: float = 120.0) -> None:
+    """Rebuild a component's instances with their original constructor arguments.
+
+    For use after a worker was lost: the group's workers are looked up again
+    (a local cluster starts lost workers anew), every rank is rebuilt, and
+    the handle points at the new instances. Results of earlier calls are
+    gone; state the instances held must be restored by the caller (reload a
+    checkpoint). Other components are not touched.
+
+    Raises
+    ------
+    ComponentClosedError
+        If the component's session is gone.
+    WorkerLostError, TimeoutError
+        If the group's workers do not come back within ``timeout`` seconds.
+    """
+    ref = _state(handle)
+    session = _session_for(ref, "restart")
+    plan = session.plan_of(ref)
+    _send_close(session.caller, ref)
+    session.refresh_placement(plan.group, timeout)
+    new = _build(session, plan, caller_site())
+    session.replace(ref, new)
+    object.__setattr__(handle, "_twinkle_ref", new)
 
 
 def _identity_wire(ident: Identity) -> tuple[Any, ...]:
@@ -226,6 +286,9 @@ def _call(handle: Any, spec: MethodSpec, fn: Callable[..., Any] | None, args: tu
           kwargs: dict[str, Any], *, lazy: bool | None = None, remote_name: str | None = None) -> Any:
     ref = _state(handle)
     session = _session_for(ref, spec.name)
+    if not session.in_worker and session.should_restart(ref):
+        restart_component(handle)
+        ref = _state(handle)
     if lazy is None:
         lazy = _lazy_for(handle, spec, session)
     return invoke(
@@ -366,9 +429,13 @@ class ComponentHandle:
         spec = method_spec(cls.__iter__) or _ITER_DEFAULT
         return _HandleIterator(self, spec)
 
+    def restart(self, timeout: float = 120.0) -> None:
+        """Rebuild the instances with their original constructor arguments (see :func:`restart_component`)."""
+        restart_component(self, timeout)
+
     def __dir__(self) -> list[str]:
         names = {name for name, _ in _remote_methods(type(self)._twinkle_cls)}
-        return sorted(names | {"remote_group", "device_mesh"})
+        return sorted(names | {"remote_group", "device_mesh", "restart"})
 
 
 class _HandleIterator:
@@ -414,7 +481,7 @@ _OWN = frozenset(
      "__next__", "__dir__", "__del__", "__init_subclass__", "__class_getitem__", "__subclasshook__",
      "__dict__", "__weakref__", "__module__", "__doc__", "__qualname__", "__slots__", "__annotations__",
      "__abstractmethods__", "_abc_impl", "__class__", "__format__", "__sizeof__", "__firstlineno__",
-     "__static_attributes__", SPEC_ATTR}
+     "__static_attributes__", "restart", SPEC_ATTR}
 )
 
 

@@ -80,23 +80,36 @@ class Resolver:
         key = (src.cid, src.call_id, index, tuple(path), None if rng is None else tuple(rng))
         return self._once(("f", *key), lambda: self._fetch(src, index, tuple(path), rng))
 
-    async def metas(self, src: LazySource) -> list[Meta | None]:
-        if src.metas is not None:
-            return list(src.metas)
+    async def _meta(self, src: LazySource, index: int) -> Meta | None:
+        address = src.addresses[index]
+        reply = await self.request(address, {"t": "mt", "c": src.cid, "k": src.call_id})
+        if not reply.get("ok"):
+            raise decode_error(reply, f"input produced by {src.label} on rank {index} ({address})")
+        return Meta.from_wire(reply.get("m"))
 
-        async def one(index: int) -> Meta | None:
-            address = src.addresses[index]
-            reply = await self.request(address, {"t": "mt", "c": src.cid, "k": src.call_id})
-            return Meta.from_wire(reply.get("m")) if reply.get("ok") else None
+    def metas(self, src: LazySource) -> asyncio.Future[list[Meta | None]]:
+        """Every producer rank's Meta, once each has finished; raises the first rank's failure.
 
-        return list(await asyncio.gather(*(one(i) for i in range(len(src.addresses)))))
+        A consumer depends on every rank of its producer, as the driver's own
+        collect does: a failed rank fails the consumer even when the collect
+        strategy reads other ranks only.
+        """
+
+        async def make() -> list[Meta | None]:
+            if src.metas is not None and all(m is not None for m in src.metas):
+                return list(src.metas)
+            return list(await asyncio.gather(*(self._meta(src, i) for i in range(len(src.addresses)))))
+
+        return self._once(("m", src.cid, src.call_id), make)
 
     async def whole(self, src: LazySource) -> Any:
         """The collected value of ``src``, from the results its collect strategy reads."""
 
         async def make() -> Any:
             needed = src.needed()
-            values = await asyncio.gather(*(self.fetch(src, i) for i in needed))
+            values, _ = await asyncio.gather(
+                asyncio.gather(*(self.fetch(src, i) for i in needed)), self.metas(src)
+            )
             results = [MISSING] * len(src.addresses)
             for i, v in zip(needed, values):
                 results[i] = v

@@ -33,19 +33,11 @@ class GroupPlacement:
     hosts: tuple[str, ...]
     devices: tuple[tuple[int, ...], ...]
     gpus_per_worker: int = 1
+    names: tuple[str, ...] = ()
 
     @property
     def is_gpu(self) -> bool:
         return self.device_type == "cuda"
-
-    def to_wire(self) -> list[Any]:
-        return [self.name, self.device_type, list(self.addresses), list(self.hosts),
-                [list(d) for d in self.devices], self.gpus_per_worker]
-
-    @classmethod
-    def from_wire(cls, wire: list[Any]) -> GroupPlacement:
-        name, kind, addresses, hosts, devices, g = wire
-        return cls(name, kind, tuple(addresses), tuple(hosts), tuple(tuple(d) for d in devices), g)
 
 
 class Session(Protocol):

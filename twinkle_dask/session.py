@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,7 +16,7 @@ from ._seed import seed_everything
 from .caller import Caller
 from .cluster import ClusterConnection, connect_cluster, start_local_cluster, stop_local_cluster
 from .exceptions import ConfigurationError
-from .group import ComponentRef, create_component
+from .group import BuildPlan, ComponentRef, create_component
 from .mesh import DeviceGroup, DeviceMesh, resolve_groups
 from .runtime import GroupPlacement, LocalSession
 
@@ -56,6 +58,7 @@ class DaskSession:
         self.config = config
         self.closed = False
         self._components: dict[str, ComponentRef] = {}
+        self._plans: dict[str, list[Any]] = {}
         self._caller = Caller(self.client.loop.asyncio_loop, self.client.connection_args, in_worker=False)
         self._notifier = notifier
         self._notify_pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -94,17 +97,63 @@ class DaskSession:
             "session_id": self.session_id,
         }
 
-    def track(self, ref: ComponentRef) -> None:
+    def track(self, ref: ComponentRef, plan: BuildPlan) -> None:
         self._components[ref.cid] = ref
+        self._plans[ref.cid] = [plan, 0]
         for group in self.groups:
             if group.name == ref.group and ref.mesh is not None:
                 group._device_mesh[ref.label] = ref.mesh
 
     def untrack(self, ref: ComponentRef) -> None:
         self._components.pop(ref.cid, None)
+        self._plans.pop(ref.cid, None)
 
     def is_open(self, ref: ComponentRef) -> bool:
         return not self.closed and ref.cid in self._components
+
+    # ------------------------------------------------------------------ recovery
+    def plan_of(self, ref: ComponentRef) -> BuildPlan:
+        plan: BuildPlan = self._plans[ref.cid][0]
+        return plan
+
+    def replace(self, old: ComponentRef, new: ComponentRef) -> None:
+        """The component ``old`` was rebuilt as ``new``."""
+        record = self._plans.pop(old.cid)
+        record[1] += 1
+        self._plans[new.cid] = record
+        self._components.pop(old.cid, None)
+        self._components[new.cid] = new
+
+    def should_restart(self, ref: ComponentRef) -> bool:
+        """Whether a component lost a worker and may still be rebuilt automatically."""
+        record = self._plans.get(ref.cid)
+        if record is None or record[1] >= record[0].max_restarts:
+            return False
+        return any(self._caller.is_lost(a) for a in ref.addresses)
+
+    def refresh_placement(self, group: str, timeout: float) -> None:
+        """Wait until every worker of ``group`` is alive again, and use their current addresses."""
+        old = self.placement(group)
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.client.scheduler_info(n_workers=-1)["workers"]
+            by_name = {str(w.get("name")): a for a, w in info.items()}
+            addresses = [by_name.get(name) for name in old.names]
+            if all(a is not None and not self._caller.is_lost(a) for a in addresses):
+                break
+            for a in addresses:
+                if a is not None and self._caller.is_lost(a) and a in info:
+                    self._caller.forget_threadsafe(a)  # same address, new worker: connect anew
+            if time.monotonic() > deadline:
+                missing = [n for n, a in zip(old.names, addresses) if a is None]
+                raise TimeoutError(
+                    f"group {group!r}: worker(s) {missing or old.names} did not come back within {timeout:g} s"
+                )
+            time.sleep(0.2)
+        hosts = tuple(info[a]["host"] for a in addresses)  # type: ignore[index]
+        self.connection.placements[group] = dataclasses.replace(
+            old, addresses=tuple(addresses), hosts=hosts  # type: ignore[arg-type]
+        )
 
     # ------------------------------------------------------------------ notifications
     def _notify(self, message: str) -> None:

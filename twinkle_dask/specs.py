@@ -91,9 +91,13 @@ class ClassSpec:
 
     execute: str = "all"
     mesh_param: str | None = None
+    max_restarts: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("remote_class execute", self.execute, CLASS_EXECUTE)
+        m = self.max_restarts
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ConfigurationError(f"max_restarts must be a non-negative int, got {m!r}")
 
 
 @dataclass(frozen=True, slots=True)

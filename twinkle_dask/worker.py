@@ -90,7 +90,7 @@ class WorkerContext:
     def session_info(self) -> dict[str, Any]:
         return self.info
 
-    def track(self, ref: Any) -> None:
+    def track(self, ref: Any, plan: Any = None) -> None:
         self._ext.children.append(ref)
 
 
