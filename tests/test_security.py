@@ -1,0 +1,46 @@
+"""TLS: initialize(address=..., security=...) against a scheduler with certificates made here."""
+
+from __future__ import annotations
+
+import pytest
+from components import Echo
+
+import twinkle_dask as twinkle
+from twinkle_dask import DeviceGroup
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_tls_cluster_end_to_end():
+    pytest.importorskip("cryptography")
+    from distributed import LocalCluster, Security
+
+    security = Security.temporary()  # a self-signed CA and certificate, in memory
+    with LocalCluster(n_workers=2, processes=False, threads_per_worker=1, security=security,
+                      protocol="tls://", dashboard_address=None) as cluster:
+        assert cluster.scheduler_address.startswith("tls://")
+        twinkle.initialize("dask", address=cluster.scheduler_address, security=security,
+                           groups=[DeviceGroup(name="secure", ranks=2, device_type="cpu")])
+        try:
+            echo = Echo(remote_group="secure")
+            assert echo.recv([1, 2, 3, 4])() == [{"args": [[1, 2]], "kwargs": {}},
+                                                 {"args": [[3, 4]], "kwargs": {}}]
+            session = twinkle.runtime.process_session()
+            channels = list(session.caller._channels.values())
+            assert channels and all(
+                ch._proto.transport.get_extra_info("ssl_object") is not None for ch in channels
+            ), "twinkle channels must be encrypted too"
+        finally:
+            twinkle.shutdown()
+
+
+def test_tls_scheduler_refuses_a_client_without_certificates():
+    pytest.importorskip("cryptography")
+    from distributed import LocalCluster, Security
+
+    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, security=Security.temporary(),
+                      protocol="tls://", dashboard_address=None) as cluster:
+        with pytest.raises(Exception):
+            twinkle.initialize("dask", address=cluster.scheduler_address,
+                               groups=[DeviceGroup(name="g", ranks=1, device_type="cpu")])
+        twinkle.shutdown()
