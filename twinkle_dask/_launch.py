@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 from typing import Any
@@ -78,6 +79,9 @@ async def _run(args: argparse.Namespace) -> None:
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({finished, stopped}, return_when=asyncio.FIRST_COMPLETED)
     watcher.cancel()
+    # Closing races the worker's own heartbeats to a scheduler that may be closing too:
+    # nothing said from here on is news.
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
     if not finished.done():
         try:
             await asyncio.wait_for(worker.close(), 10)

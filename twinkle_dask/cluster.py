@@ -26,6 +26,7 @@ import psutil
 from distributed import Client, Scheduler, SpecCluster
 from distributed.deploy.spec import ProcessInterface
 
+from .dashboard import TwinkleSchedulerPlugin
 from .exceptions import ConfigurationError
 from .mesh import ResolvedGroup
 from .runtime import GroupPlacement
@@ -293,6 +294,7 @@ def start_local_cluster(
         client = Client(cluster, direct_to_workers=True, set_as_default=True)
         client.wait_for_workers(total, timeout=start_timeout)
         placements = _placements_by_name(client, groups)
+        _install_scheduler_plugin(client)
     except BaseException:
         stop_local_cluster(cluster, 10)
         raise
@@ -334,6 +336,14 @@ async def _tag_worker(dask_worker: Any, resources: dict[str, float]) -> None:
     await dask_worker.set_resources(**{**dask_worker.state.total_resources, **resources})
 
 
+def _install_scheduler_plugin(client: Client) -> None:
+    try:
+        client.register_plugin(TwinkleSchedulerPlugin(), name=TwinkleSchedulerPlugin.name)
+    except Exception as exc:  # twinkle_dask is not importable where the scheduler runs
+        logger.warning("twinkle_dask: component calls will not show on the dashboard's Task Stream (%s); "
+                       "install twinkle-dask where the scheduler runs", exc)
+
+
 def connect_cluster(
     groups: Sequence[ResolvedGroup],
     *,
@@ -355,6 +365,7 @@ def connect_cluster(
                 f"twinkle-dask where the workers run, or start them with --preload twinkle_dask.worker"
             ) from exc
         placements = map_groups(client, groups, nproc_per_node)
+        _install_scheduler_plugin(client)
     except BaseException:
         if owns:
             client.close()

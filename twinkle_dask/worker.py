@@ -18,6 +18,7 @@ import os
 import queue
 import socket
 import threading
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -31,6 +32,7 @@ from ._seed import seed_everything
 from ._serde import had_device_tensors, set_cuda_landing
 from .call import INLINE_ALL, INLINE_BYTES, INLINE_SMALL
 from .caller import Caller
+from .dashboard import CallRecorder
 from .channel import PORT_HANDLER, ServerEnd, pack, parse_address, serve, unpack
 from .exceptions import ComponentClosedError, ConfigurationError, SerializationError
 from .group import create_component, identity_from_wire
@@ -97,7 +99,7 @@ class WorkerContext:
 class Job:
     """One unit of work for a rank's thread: its construction, or one call."""
 
-    __slots__ = ("args", "end", "error", "kind", "kwargs", "msg", "payload", "ready")
+    __slots__ = ("args", "end", "error", "kind", "kwargs", "msg", "payload", "ready", "started", "stopped")
 
     def __init__(self, kind: str, msg: dict[str, Any], end: ServerEnd) -> None:
         self.kind = kind
@@ -108,6 +110,7 @@ class Job:
         self.args: Any = None
         self.kwargs: Any = None
         self.error: BaseException | None = None
+        self.started = self.stopped = 0.0
 
 
 class RankOutcome:
@@ -187,6 +190,9 @@ class RankHost:
 
     def _finished(self, job: Job, outcome: RankOutcome) -> None:
         msg = job.msg
+        method = msg["m"] if job.kind == "call" else "__init__"
+        self.ext.recorder.record(self.label, method, self.cid, msg.get("k", 0), self.identity.rank,
+                                 job.started, job.stopped, outcome.ok)
         if job.kind == "call" and msg.get("keep"):
             k = msg["k"]
             self.pending.discard(k)
@@ -253,7 +259,9 @@ class RankHost:
             if job.ready is not None:
                 job.ready.wait()
             _identity.enter(self.identity)
+            job.started = time.time()
             outcome = self._construct(job) if job.kind == "new" else self._call(job)
+            job.stopped = time.time()
             try:
                 self.loop.call_soon_threadsafe(self._finished, job, outcome)
             except RuntimeError:  # worker loop closed
@@ -348,6 +356,7 @@ class TwinkleWorker:
         self.stats = {"fetches": 0, "fetch_bytes": 0, "calls": 0}
         self.caller = Caller(self.loop, worker.connection_args, in_worker=True, connect_timeout=5.0)
         self.port: int | None = None
+        self.recorder = CallRecorder(worker, self.loop)
         self._server: asyncio.AbstractServer | None = None
         self._listening = self.loop.create_task(self._listen())
         worker.handlers[PORT_HANDLER] = self.twinkle_port
