@@ -44,6 +44,21 @@ both with ``DeviceMesh.from_sizes(dp_size=<ranks of b>)``; on every group named
 process without ``setup``: it then initializes with groups ``s<k>`` itself.
 Twinkle can be initialized once per process, so every group an op needs must
 be in that one ``initialize``.
+
+Twinkle behaviour worth knowing when reading the numbers (twinkle-kit 0.5.1):
+
+* A lazy result passed to another component is sent *whole* to every consumer
+  rank, which fetches all producer shards, collects them and only then slices
+  (driver: ``twinkle/infra/__init__.py:761-765`` dispatches 'all' when an
+  argument is lazy; worker: lines 746-755 collect and re-dispatch). So in
+  ``handoff`` each of B's ranks pulls all of A's tensors (4 x ``mib`` MiB) and
+  keeps one; in ``train_step`` each trainer rank receives the whole batch.
+* ``collect='flatten'`` rebuilds the result with ``type(result[0])(items)``
+  (``twinkle/infra/__init__.py:338-343``): on a bare tensor that iterates
+  element by element (about 12 s for 4 ranks x 4 MiB here), so the hand-off
+  producer returns ``[tensor]`` and the collected value is ``[t0, t1, t2, t3]``.
+* The CPU resource check needs ``ray.init(num_cpus=...)`` of at least
+  4 x (all CPU ranks); see ``Runner.initialize``.
 """
 
 import os
@@ -59,6 +74,7 @@ sys.stdout = sys.stderr
 
 import gc  # noqa: E402
 import json  # noqa: E402
+import signal  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
@@ -120,7 +136,7 @@ class Bench:
 
         Returned as a one-element *list*: Twinkle's 'flatten' concatenates the
         per-rank lists into [t0, t1, t2, t3]. A bare tensor would be iterated
-        element by element (see the report / README: ~12 s for 4 x 4 MiB).
+        element by element (see the module docstring: ~12 s for 4 x 4 MiB).
         The tensor is allocated once and reused, so the op measures moving
         data, not filling memory; Ray still serializes it on every call.
         """
@@ -149,14 +165,16 @@ class Consumer:
 class Dataset:
     """A single-actor data source yielding deterministic random batches."""
 
-    def __init__(self, rows: int = 4 * 64, features: int = 256, classes: int = 10, seed: int = 0, **kwargs):
-        self.rows, self.features, self.classes = rows, features, classes
+    def __init__(self, rows: int = 4 * 64, features: int = 256, num_classes: int = 10, seed: int = 0, **kwargs):
+        # (Not `self.classes`: cloudpickle would then try to ship the `torch.classes`
+        # pseudo-module with get_batch, because the name `classes` appears in its code.)
+        self.rows, self.features, self.num_classes = rows, features, num_classes
         self.gen = torch.Generator().manual_seed(seed)
 
     @remote_function(execute="first", dispatch="all", collect="none", lazy_collect=True)
     def get_batch(self):
         x = torch.randn(self.rows, self.features, generator=self.gen)
-        labels = torch.randint(0, self.classes, (self.rows,), generator=self.gen)
+        labels = torch.randint(0, self.num_classes, (self.rows,), generator=self.gen)
         return {"x": x, "labels": labels}
 
 
@@ -171,9 +189,7 @@ class Trainer:
     def __init__(self, device_mesh: DeviceMesh, lr: float = 0.1, seed: int = 0, **kwargs):
         self.device_mesh = device_mesh  # needed for the worker-side slice_dp
         torch.manual_seed(seed)  # identical initial weights on every rank
-        self.model = torch.nn.Sequential(
-            torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)
-        )
+        self.model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
         self.opt = torch.optim.SGD(self.model.parameters(), lr=lr)
 
     @remote_function(dispatch="slice_dp", collect="mean", lazy_collect=True)
@@ -196,6 +212,11 @@ class Trainer:
 
 class OpError(Exception):
     """A request that cannot be served (bad params, wrong order)."""
+
+
+def _as_list(collected):
+    """collect='none' unwraps a one-rank result (twinkle/infra/__init__.py:332-337)."""
+    return collected if isinstance(collected, list) else [collected]
 
 
 class Runner:
@@ -291,8 +312,7 @@ class Runner:
         comp.noop()  # first (blocking) call: waits for all actors to start
         component_s = time.perf_counter() - t0
         self.components["bench@startup"] = comp
-        return {"times": [init_s + component_s], "init_s": init_s,
-                "component_s": component_s, "import_s": IMPORT_S}
+        return {"times": [init_s + component_s], "init_s": init_s, "component_s": component_s, "import_s": IMPORT_S}
 
     def op_setup(self, groups):
         if not isinstance(groups, dict) or not groups:
@@ -313,8 +333,14 @@ class Runner:
         for comp in comps:  # ... and we wait for all of them here
             self.wait_ready(comp)
         build_s = time.perf_counter() - t1
-        return {"times": [time.perf_counter() - t0], "init_s": init_s, "build_s": build_s,
-                "num_cpus": self.num_cpus, "groups": self.groups, "components": keys}
+        return {
+            "times": [time.perf_counter() - t0],
+            "init_s": init_s,
+            "build_s": build_s,
+            "num_cpus": self.num_cpus,
+            "groups": self.groups,
+            "components": keys,
+        }
 
     def op_call_all(self, iters, warmup=1):
         bench = self.get("bench@a")
@@ -348,7 +374,7 @@ class Runner:
         lazies = [bench.small(i) for i in range(calls)]  # issue everything first
         results = [lz() for lz in lazies]  # then collect (r() collects)
         total = time.perf_counter() - t0
-        if results[-1] != [calls - 1] * n:
+        if _as_list(results[-1]) != [calls - 1] * n:
             raise OpError(f"pipelined: last result {results[-1]!r}, expected {[calls - 1] * n!r}")
         return {"times": [total], "calls": calls}
 
@@ -363,7 +389,9 @@ class Runner:
 
         def one():
             shards = producer.make_tensor(mib)  # lazy: stays in Ray's object store
-            return consumer.checksum(shards)  # B pulls it worker-to-worker
+            # Worker to worker, never through the driver; but every B rank pulls
+            # all of A's shards and keeps its own (see the module docstring).
+            return _as_list(consumer.checksum(shards))
 
         for _ in range(warmup):
             one()
@@ -396,8 +424,11 @@ class Runner:
                 losses.append(loss)
         if not all(np.isfinite(losses)):
             raise OpError(f"non-finite loss: {losses}")
-        return {"times": times, "loss_first": losses[0] if losses else None,
-                "loss_last": losses[-1] if losses else None}
+        return {
+            "times": times,
+            "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None,
+        }
 
     def op_scaling(self, ranks=(1, 2, 4, 8), iters=100, warmup=1):
         ranks = [int(k) for k in ranks]
@@ -450,6 +481,9 @@ def reply(obj):
 
 
 def main():
+    # A terminated runner still runs the `finally` below, so the private Ray
+    # instance (raylet, GCS, actor processes) goes away with it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     runner = Runner()
     try:
         for line in sys.stdin:

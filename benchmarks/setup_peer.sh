@@ -23,14 +23,12 @@ PINS=(
   "psutil==7.2.2"
 )
 
-# Keep the venv out of git (only when it lives at the default, in-repo location).
-if [[ -z "${TWINKLE_RAY_VENV:-}" ]]; then
-  GITIGNORE="$REPO_ROOT/.gitignore"
-  if ! grep -qxF '.venv-ray/' "$GITIGNORE" 2>/dev/null; then
-    # Make sure we start on a new line, then append the entry.
-    if [[ -s "$GITIGNORE" && -n "$(tail -c1 "$GITIGNORE")" ]]; then echo >> "$GITIGNORE"; fi
-    echo '.venv-ray/' >> "$GITIGNORE"
-  fi
+# Keep the default venv location out of git.
+GITIGNORE="$REPO_ROOT/.gitignore"
+if ! grep -qxF '.venv-ray/' "$GITIGNORE" 2>/dev/null; then
+  # Start on a new line if the file does not end with one, then append the entry.
+  if [[ -s "$GITIGNORE" && -n "$(tail -c1 "$GITIGNORE")" ]]; then echo >> "$GITIGNORE"; fi
+  echo '.venv-ray/' >> "$GITIGNORE"
 fi
 
 if [[ ! -x "$VENV/bin/python" ]]; then
