@@ -42,7 +42,8 @@ def test_simulated_gpu_groups_get_devices_tags_and_identity():
         DeviceGroup(name="big", ranks=4, device_type="cuda", gpus_per_worker=2),
     ]
     with local_session(*groups, simulate_gpus=True) as client:
-        names = {str(w["name"]): sorted(w["resources"]) for w in client.scheduler_info(n_workers=-1)["workers"].values()}
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        names = {str(w["name"]): sorted(w["resources"]) for w in workers}
         assert names == {
             "cpu-0": ["twinkle-cpu"], "actor-0": ["twinkle-actor"], "actor-1": ["twinkle-actor"],
             "ref-0": ["twinkle-ref"], "ref-1": ["twinkle-ref"], "big-0": ["twinkle-big"], "big-1": ["twinkle-big"],

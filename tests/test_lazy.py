@@ -113,6 +113,32 @@ def test_hand_off_between_groups_moves_each_shard_once(parts):
     assert 4 * mb <= sent < 4 * mb + 64 * 1024, sent
 
 
+def _stat(name):
+    return sum(s[name] for s in worker_stats().values())
+
+
+def test_tensor_hand_off_moves_each_shard_once_and_nothing_through_the_driver(cluster):
+    import torch
+
+    producer = Echo(remote_group="model")
+    consumer = Echo(device_mesh=DeviceMesh.from_sizes(dp_size=2), remote_group="sampler")
+    mib = 1 << 20
+    lazy = producer.big.options(collect="flatten")(mib)  # four 1 MiB float64 arrays
+    tensors = producer.produce.options(collect="flatten")("tensor", 64 * 1024)  # 4 x 512 KiB tensors
+    fetched, inline = _stat("fetch_bytes"), _stat("inline_bytes")
+    got = consumer.describe(lazy)()
+    sums = consumer.recv.options(dispatch="slice_dp", collect="none")(tensors)
+    shapes = [tuple(r["args"][0].shape) for r in sums.per_rank()]
+    moved = _stat("fetch_bytes") - fetched
+    assert [g["len"] for g in got] == [mib // 4, mib // 4]
+    assert shapes == [(128 * 1024, 2), (128 * 1024, 2)]
+    # worker to worker: each shard once (4 MiB of arrays, 2 MiB of tensors), then 2 MiB to the driver
+    # for per_rank(); nothing large came back inline with a reply
+    assert 8 * mib <= moved < 8 * mib + 256 * 1024, moved
+    assert _stat("inline_bytes") - inline < 64 * 1024
+    assert torch is not None
+
+
 def test_calls_run_in_issue_order_while_waiting_for_lazy_inputs(parts):
     slow = parts["small_producer"].sleep(0.5)
     consumer = parts["sampler"]

@@ -34,13 +34,13 @@ def test_tls_cluster_end_to_end():
             twinkle.shutdown()
 
 
-def test_tls_scheduler_refuses_a_client_without_certificates():
+def test_tls_scheduler_without_security_is_a_clear_error():
     pytest.importorskip("cryptography")
     from distributed import LocalCluster, Security
 
     with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, security=Security.temporary(),
                       protocol="tls://", dashboard_address=None) as cluster:
-        with pytest.raises(Exception):
+        with pytest.raises(ValueError, match="speaks TLS: pass security=distributed.Security"):
             twinkle.initialize("dask", address=cluster.scheduler_address,
                                groups=[DeviceGroup(name="g", ranks=1, device_type="cpu")])
         twinkle.shutdown()

@@ -22,6 +22,8 @@ from typing import Any
 
 import cloudpickle
 
+from ._types import tensor_type
+
 __all__ = ["Blob", "dumps_blob", "had_device_tensors", "set_cuda_landing"]
 
 _cuda_landing = False
@@ -52,9 +54,10 @@ def _rebuild_tensor(buf: Any, dtype: str, shape: tuple[int, ...], requires_grad:
 
 
 def _reduce_tensor(obj: Any) -> Any:
-    torch = sys.modules.get("torch")
-    if torch is None or type(obj) is not torch.Tensor:
+    tensor = tensor_type()
+    if tensor is None or type(obj) is not tensor:
         return NotImplemented
+    torch = sys.modules["torch"]
     if obj.is_sparse or obj.is_quantized or obj.layout != torch.strided or obj.is_nested:
         return NotImplemented
     t = obj.detach()

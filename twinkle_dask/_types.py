@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -18,6 +19,7 @@ __all__ = [
     "DispatchSpec",
     "Execute",
     "Mode",
+    "tensor_type",
 ]
 
 Mode = Literal["local", "dask"]
@@ -48,3 +50,12 @@ class CollectFn(Protocol):
 
 DispatchSpec = str | DispatchFn
 CollectSpec = str | CollectFn
+
+
+def tensor_type() -> type | None:
+    """``torch.Tensor`` if torch is imported (far enough to have it), else None.
+
+    Never imports torch. Another thread may be importing it right now, so a
+    module without ``Tensor`` yet counts as not imported.
+    """
+    return getattr(sys.modules.get("torch"), "Tensor", None)

@@ -26,10 +26,13 @@ import collections
 import itertools
 import logging
 import pickle
+import socket
 import struct
 import threading
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from ._serde import Blob, dumps_blob
 from .exceptions import SerializationError, WorkerLostError
@@ -45,6 +48,8 @@ _U64 = struct.Struct("!Q")
 _SMALL = 64 * 1024
 _IN_BAND = 4 * 1024
 _STAGING = 256 * 1024
+_SOCKET_BUFFER = 4 * 1024 * 1024
+_CHUNK = 512 * 1024
 
 
 def pack(obj: Any, what: str = "value") -> Blob:
@@ -115,10 +120,25 @@ class _Framed(asyncio.BufferedProtocol):
         self._frames: list[Any] = []
         self._big: memoryview | None = None
         self._big_have = 0
+        self._out: collections.deque[memoryview] = collections.deque()
+        self._paused = False
 
     # -- connection
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Large tensors cross in fewer, larger chunks (the OS caps these at its own maxima).
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+                except OSError:
+                    pass
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        transport.set_write_buffer_limits(high=2 * _CHUNK)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -142,7 +162,7 @@ class _Framed(asyncio.BufferedProtocol):
             self._big_have += nbytes
             if self._big_have < len(self._big):
                 return
-            self._frames.append(self._big.obj)
+            self._frames.append(self._big)
             self._big = None
             self._maybe_done()
         else:
@@ -185,14 +205,17 @@ class _Framed(asyncio.BufferedProtocol):
             self._frames.append(bytearray(self._take(size)))
             self._maybe_done()
             return True
-        buf = bytearray(size)
+        # Large frames get their own memory, not zero-filled first (numpy.empty), which the
+        # unpickled tensor or array then uses as its storage.
+        buf = np.empty(size, dtype=np.uint8)
+        view = memoryview(buf)
         have = min(self._available(), size)
-        buf[:have] = self._take(have)
+        view[:have] = self._take(have)
         if have == size:
-            self._frames.append(buf)
+            self._frames.append(view)
             self._maybe_done()
             return True
-        self._big, self._big_have = memoryview(buf), have
+        self._big, self._big_have = view, have
         return False
 
     def _maybe_done(self) -> None:
@@ -209,13 +232,31 @@ class _Framed(asyncio.BufferedProtocol):
         if self.transport is None:
             raise ConnectionError("the connection is closed")
         parts = _encode(batch)
-        small = [p for p in parts if (len(p) if isinstance(p, bytes) else p.nbytes) <= _SMALL]
-        if len(small) == len(parts):
-            self.transport.write(b"".join(parts))
+        if all((len(p) if isinstance(p, bytes) else p.nbytes) <= _SMALL for p in parts):
+            self._out.append(memoryview(b"".join(parts)))
         else:
-            for p in parts:
-                self.transport.write(p)
+            self._out.extend(memoryview(p).cast("B") for p in parts)
+        self._pump()
 
+    def _pump(self) -> None:
+        # Feed the transport a chunk at a time: asyncio (before 3.12) keeps unsent data in one
+        # bytearray and deletes sent bytes from its front, which is quadratic for large frames.
+        transport = self.transport
+        while self._out and not self._paused and transport is not None:
+            head = self._out[0]
+            if head.nbytes <= _CHUNK:
+                self._out.popleft()
+                transport.write(head)
+            else:
+                transport.write(head[:_CHUNK])
+                self._out[0] = head[_CHUNK:]
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._pump()
 
 class _Writer:
     """Batches the messages queued while a write is in flight into the next write."""

@@ -355,6 +355,13 @@ def connect_cluster(
     """Map the groups onto the workers of an existing cluster."""
     owns = client is None
     if client is None:
+        if str(address).startswith("tls://") and (
+            security is None or security.get_connection_args("client").get("ssl_context") is None
+        ):
+            raise ConfigurationError(
+                f"the scheduler at {address} speaks TLS: pass security=distributed.Security(tls_ca_file=..., "
+                f"tls_client_cert=..., tls_client_key=..., require_encryption=True) to initialize()"
+            )
         client = Client(address, security=security, direct_to_workers=True, set_as_default=False)
     try:
         try:

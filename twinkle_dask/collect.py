@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ._callables import call_with_mesh, mesh_convention
+from ._types import tensor_type
 from .exceptions import ConfigurationError
 from .mesh import DeviceMesh
 
@@ -110,9 +111,9 @@ def concat(parts: Sequence[Any]) -> Any:
     first = parts[0]
     if all(p is None for p in parts):
         return None
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(first, torch.Tensor):
-        return torch.cat([p for p in parts], dim=0)
+    tensor = tensor_type()
+    if tensor is not None and isinstance(first, tensor):
+        return sys.modules["torch"].cat(list(parts), dim=0)
     if isinstance(first, np.ndarray):
         return np.concatenate([np.asarray(p) for p in parts], axis=0)
     if isinstance(first, str):

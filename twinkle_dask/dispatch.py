@@ -23,7 +23,6 @@ fetching it first.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,6 +30,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ._callables import call_with_mesh, mesh_convention
+from ._types import tensor_type
 from .exceptions import ConfigurationError, DispatchError
 from .lazy import LazyView
 from .mesh import DeviceMesh
@@ -62,8 +62,7 @@ class Dispatcher:
 
 # --------------------------------------------------------------------------- value helpers
 def _torch_tensor_type() -> type | None:
-    torch = sys.modules.get("torch")
-    return getattr(torch, "Tensor", None) if torch is not None else None
+    return tensor_type()
 
 
 def kind_of(value: Any) -> str:

@@ -15,13 +15,13 @@ Everything here is pure; the fetching happens in :mod:`twinkle_dask.worker`.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ._types import tensor_type
 from .collect import concat, get_collector, last_stage_indices
 from .mesh import DeviceMesh
 
@@ -79,8 +79,8 @@ class Meta:
             if not value.ndim:
                 return cls("other")
             return cls("ndarray", len(value), dtype=str(value.dtype), tail=tuple(value.shape[1:]))
-        torch = sys.modules.get("torch")
-        if torch is not None and isinstance(value, torch.Tensor):
+        tensor = tensor_type()
+        if tensor is not None and isinstance(value, tensor):
             if not value.dim():
                 return cls("other")
             return cls("tensor", int(value.shape[0]), dtype=str(value.dtype), tail=tuple(value.shape[1:]))

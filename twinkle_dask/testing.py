@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import runtime
+from ._types import tensor_type
 from .exceptions import NotInitializedError
 from .mesh import DeviceGroup
 from .session import DaskSession, initialize, shutdown
@@ -72,7 +73,7 @@ def assert_same(actual: Any, expected: Any, path: str = "value") -> None:
 
     assert type(actual) is type(expected), f"{path}: type {type(actual).__name__} != {type(expected).__name__}"
     torch = sys.modules.get("torch")
-    if torch is not None and isinstance(expected, torch.Tensor):
+    if torch is not None and isinstance(expected, tensor_type() or ()):
         assert actual.dtype == expected.dtype and actual.shape == expected.shape, (
             f"{path}: {actual.dtype}{tuple(actual.shape)} != {expected.dtype}{tuple(expected.shape)}"
         )

@@ -32,8 +32,8 @@ from ._seed import seed_everything
 from ._serde import had_device_tensors, set_cuda_landing
 from .call import INLINE_ALL, INLINE_BYTES, INLINE_SMALL
 from .caller import Caller
-from .dashboard import CallRecorder
 from .channel import PORT_HANDLER, ServerEnd, pack, parse_address, serve, unpack
+from .dashboard import CallRecorder
 from .exceptions import ComponentClosedError, ConfigurationError, SerializationError
 from .group import create_component, identity_from_wire
 from .lazy import Meta
@@ -45,6 +45,17 @@ logger = logging.getLogger(__name__)
 
 #: How long a fetch waits for a call that has not reached this worker yet.
 ARRIVAL_TIMEOUT = 120.0
+
+
+@sizeof.register_lazy("torch")
+def _register_torch_sizeof() -> None:
+    # dask.sizeof does not know torch tensors (it would say ~80 bytes): without this, large tensor
+    # results would count as small and travel back with every reply.
+    import torch
+
+    @sizeof.register(torch.Tensor)
+    def _sizeof_tensor(t: Any) -> int:
+        return int(t.element_size() * t.nelement())
 
 
 class WorkerContext:
@@ -208,6 +219,7 @@ class RankHost:
             fields["m"] = outcome.meta.to_wire() if outcome.meta is not None else None
             if outcome.packed is not None:
                 fields["v"] = outcome.packed
+                self.ext.stats["inline_bytes"] += outcome.packed.nbytes
             if outcome.stop:
                 fields["s"] = True
             if outcome.device:
@@ -353,7 +365,7 @@ class TwinkleWorker:
         self.hosts: dict[str, RankHost] = {}
         self.children: list[Any] = []
         #: Counters for tests and benchmarks: results served to other processes.
-        self.stats = {"fetches": 0, "fetch_bytes": 0, "calls": 0}
+        self.stats = {"fetches": 0, "fetch_bytes": 0, "calls": 0, "inline_bytes": 0}
         self.caller = Caller(self.loop, worker.connection_args, in_worker=True, connect_timeout=5.0)
         self.port: int | None = None
         self.recorder = CallRecorder(worker, self.loop)
