@@ -1,10 +1,15 @@
-"""Entry point of a local-cluster worker process: ``python -m twinkle_dask._launch``.
+"""Entry point of local-cluster worker processes: ``python -m twinkle_dask._launch``.
 
 Workers are started as plain subprocesses (not multiprocessing children), so
 the driver's script is never re-imported and needs no ``__main__`` guard, and
-the worker is the process's main program, free to start children of its own
-(torch DataLoader workers). The worker exits when its parent, the driver,
-goes away.
+each worker is its process's main program, free to start children of its own
+(torch DataLoader workers). A worker exits when its parent goes away.
+
+``--zygote`` starts one process that imports the heavy modules once (Dask,
+and torch when the driver uses it) and then forks a worker per request read
+from stdin, so N workers start in about the time of one, share the imported
+code's memory, and a worker that dies is forked again at once. GPU workers run
+by dask-cuda are started as their own subprocesses instead.
 """
 
 from __future__ import annotations
@@ -14,7 +19,11 @@ import asyncio
 import json
 import logging
 import os
+import selectors
 import signal
+import sys
+import time
+import traceback
 from typing import Any
 
 
@@ -97,5 +106,115 @@ def main(argv: list[str] | None = None) -> None:
         pass
 
 
+# --------------------------------------------------------------------------- zygote
+def _fork_worker(argv: list[str], env: dict[str, str]) -> int:
+    """Fork a worker process running ``main(argv)`` with ``env``; returns its pid (in the parent)."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0
+    try:
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        os.environ.clear()
+        os.environ.update(env)
+        main([*argv, "--parent", str(os.getppid())])
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def zygote(preload: list[str]) -> None:
+    """Import once, then fork workers on request; re-fork workers that die; stop on EOF."""
+    import importlib
+
+    import distributed  # noqa: F401  (the point: imported once, before forking)
+
+    import twinkle_dask.worker  # noqa: F401
+
+    for name in preload:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            pass
+    specs: dict[str, tuple[list[str], dict[str, str]]] = {}
+    pids: dict[int, str] = {}
+    restarts: dict[str, int] = {}
+    due: list[tuple[float, str]] = []
+    stopping = False
+    buffer = b""
+    selector = selectors.DefaultSelector()
+    selector.register(0, selectors.EVENT_READ)
+
+    def stop_all(grace: float) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while pids and time.monotonic() < deadline:
+            reap()
+            time.sleep(0.05)
+        for pid in list(pids):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        while pids:
+            reap(block=True)
+
+    def reap(block: bool = False) -> None:
+        while pids:
+            try:
+                pid, _ = os.waitpid(-1, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                pids.clear()
+                return
+            if pid == 0:
+                return
+            name = pids.pop(pid, None)
+            if name is not None and not stopping:
+                restarts[name] = restarts.get(name, 0) + 1
+                print(f"twinkle_dask: worker {name} exited; starting it again (restart {restarts[name]})",
+                      file=sys.stderr, flush=True)
+                due.append((time.monotonic() + min(5.0, 0.2 * restarts[name]), name))
+            if block:
+                return
+
+    while True:
+        for _ in selector.select(timeout=0.2):
+            data = os.read(0, 1 << 16)
+            if not data:
+                stopping = True
+                stop_all(5.0)
+                return
+            buffer += data
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            request = json.loads(line)
+            if request["op"] == "spawn":
+                specs[request["name"]] = (request["argv"], request["env"])
+                pids[_fork_worker(request["argv"], request["env"])] = request["name"]
+            elif request["op"] == "stop":
+                stopping = True
+                stop_all(float(request.get("grace", 5.0)))
+                return
+        reap()
+        now = time.monotonic()
+        for when, name in [d for d in due if d[0] <= now]:
+            due.remove((when, name))
+            argv, env = specs[name]
+            pids[_fork_worker(argv, env)] = name
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--zygote"]:
+        zygote([m for m in (sys.argv[2] if len(sys.argv) > 2 else "").split(",") if m])
+    else:
+        main()

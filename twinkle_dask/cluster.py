@@ -60,6 +60,7 @@ class ClusterConnection:
     cluster: SpecCluster | None
     placements: dict[str, GroupPlacement]
     owns_client: bool
+    zygote: Zygote | None = None
 
 
 class WorkerProcess(ProcessInterface):
@@ -143,6 +144,47 @@ class WorkerProcess(ProcessInterface):
                 await proc.wait()
         self.process = None
         await super().close()
+
+
+class Zygote:
+    """The driver's end of ``python -m twinkle_dask._launch --zygote``: forks CPU workers on request."""
+
+    def __init__(self) -> None:
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self, env: dict[str, str], preload: Sequence[str]) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "twinkle_dask._launch", "--zygote", ",".join(preload),
+            stdin=asyncio.subprocess.PIPE, env=env,
+        )
+
+    async def spawn(self, scheduler: str, workers: Sequence[tuple[str, dict[str, float], dict[str, str]]],
+                    host: str = "127.0.0.1") -> None:
+        """Fork one worker per (name, resources, env)."""
+        assert self.process is not None and self.process.stdin is not None
+        for name, resources, env in workers:
+            argv = [scheduler, "--name", name, "--host", host, "--resources", json.dumps(resources)]
+            line = json.dumps({"op": "spawn", "name": name, "argv": argv, "env": env})
+            self.process.stdin.write(line.encode() + b"\n")
+        await self.process.stdin.drain()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        proc = self.process
+        if proc is None or proc.returncode is not None:
+            return
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps({"op": "stop", "grace": grace}).encode() + b"\n")
+            await proc.stdin.drain()
+            await asyncio.wait_for(proc.wait(), grace + 5)
+        except (asyncio.TimeoutError, ConnectionError, BrokenPipeError):
+            proc.kill()
+            await proc.wait()
+
+
+def _preload_modules() -> list[str]:
+    """Heavy modules the zygote imports once for every worker: torch if the driver uses it."""
+    return [m for m in ("numpy", "torch") if m in sys.modules]
 
 
 def _worker_env(group: ResolvedGroup, index: int) -> dict[str, str]:
@@ -277,39 +319,50 @@ def start_local_cluster(
             "dashboard_address": dashboard_address or ":0",
         },
     }
-    workers: dict[str, Any] = {}
+    workers: dict[str, Any] = {}  # dask-cuda subprocesses, managed by the SpecCluster
+    forked: list[tuple[str, dict[str, float], dict[str, str]]] = []  # plain workers, forked by the zygote
     for group in groups:
-        if group.is_gpu:
-            workers.update(_gpu_worker_specs(group, simulate_gpus))
-            continue
-        for index in range(group.num_workers):
-            workers[_worker_name(group.name, index)] = {
+        specs = _gpu_worker_specs(group, simulate_gpus) if group.is_gpu else {
+            _worker_name(group.name, index): {
                 "cls": WorkerProcess,
                 "options": {"resources": {resource_name(group.name): 1}, "env": _worker_env(group, index)},
             }
+            for index in range(group.num_workers)
+        }
+        for name, spec in specs.items():
+            if spec["options"].get("cuda"):
+                workers[name] = spec
+            else:
+                forked.append((name, spec["options"]["resources"], spec["options"]["env"]))
     total = sum(g.num_workers for g in groups)
     cluster = SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING,
                           name="twinkle-dask", asynchronous=False)
+    zygote = Zygote()
     try:
+        if forked:
+            common = {k: v for k, v in forked[0][2].items() if all(env.get(k) == v for _, _, env in forked)}
+            cluster.sync(zygote.start, common, _preload_modules())
+            cluster.sync(zygote.spawn, cluster.scheduler_address, forked)
         client = Client(cluster, direct_to_workers=True, set_as_default=True)
         client.wait_for_workers(total, timeout=start_timeout)
         placements = _placements_by_name(client, groups)
         _install_scheduler_plugin(client)
     except BaseException:
-        stop_local_cluster(cluster, 10)
+        stop_local_cluster(cluster, 10, zygote)
         raise
-    return ClusterConnection(client, cluster, placements, owns_client=True)
+    return ClusterConnection(client, cluster, placements, owns_client=True, zygote=zygote)
 
 
-async def _stop_workers(cluster: SpecCluster, grace: float) -> None:
+async def _stop_workers(cluster: SpecCluster, grace: float, zygote: Zygote | None) -> None:
     procs = [w for w in cluster.workers.values() if isinstance(w, WorkerProcess)]
-    await asyncio.gather(*(w.stop(grace) for w in procs), return_exceptions=True)
+    stops = [w.stop(grace) for w in procs] + ([zygote.stop(grace)] if zygote is not None else [])
+    await asyncio.gather(*stops, return_exceptions=True)
 
 
-def stop_local_cluster(cluster: SpecCluster, timeout: float = 20.0) -> None:
+def stop_local_cluster(cluster: SpecCluster, timeout: float = 20.0, zygote: Zygote | None = None) -> None:
     """Stop the worker processes (each unregisters itself), then the scheduler."""
     try:
-        cluster.sync(_stop_workers, cluster, min(5.0, timeout / 2), callback_timeout=timeout / 2 + 1)
+        cluster.sync(_stop_workers, cluster, min(5.0, timeout / 2), zygote, callback_timeout=timeout / 2 + 1)
     except Exception:
         logger.debug("twinkle_dask: stopping worker processes failed", exc_info=True)
     cluster.close(timeout=timeout / 2)

@@ -195,7 +195,7 @@ class DaskSession:
                 logger.debug("twinkle_dask: closing the client failed", exc_info=True)
         if conn.cluster is not None:
             try:
-                stop_local_cluster(conn.cluster, timeout)
+                stop_local_cluster(conn.cluster, timeout, conn.zygote)
             except Exception:
                 logger.warning("twinkle_dask: closing the local cluster failed", exc_info=True)
 
