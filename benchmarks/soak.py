@@ -48,11 +48,16 @@ def rss_mib(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / (1 << 20)
 
 
+def _python_objects() -> int:
+    gc.collect()
+    return len(gc.get_objects())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=10_000, help="calls in all (4 per round)")
     args = parser.parse_args(argv)
-    twinkle.initialize("dask", dashboard_address=None, groups=[
+    client = twinkle.initialize("dask", dashboard_address=None, groups=[
         DeviceGroup(name="p", ranks=4, device_type="cpu"), DeviceGroup(name="c", ranks=2, device_type="cpu")])
     try:
         producer = Producer(remote_group="p")
@@ -71,17 +76,18 @@ def main(argv: list[str] | None = None) -> int:
                 gc.collect()
                 held = sum(s["held"] for s in worker_stats().values())
                 workers = sum(rss_mib(p) for p in worker_pids if psutil.pid_exists(p))
-                samples.append((4 * (r + 1), rss_mib(os.getpid()), workers, held))
+                objects = sum(client.run(_python_objects).values())
+                samples.append((4 * (r + 1), rss_mib(os.getpid()), workers, held, objects))
             else:
                 total()
         elapsed = time.perf_counter() - started
-        print("| calls | driver+scheduler RSS MiB | workers RSS MiB (sum) | results held |")
-        print("|---|---|---|---|")
-        for calls, drv, wrk, held in samples:
-            print(f"| {calls} | {drv:.1f} | {wrk:.1f} | {held} |")
+        print("| calls | driver+scheduler RSS MiB | workers RSS MiB (sum) | results held | worker Python objects |")
+        print("|---|---|---|---|---|")
+        for calls, drv, wrk, held, objects in samples:
+            print(f"| {calls} | {drv:.1f} | {wrk:.1f} | {held} | {objects} |")
         first, last = samples[1] if len(samples) > 1 else samples[0], samples[-1]
         print(f"\n{4 * rounds} calls in {elapsed:.1f} s; growth after warm-up: driver {last[1] - first[1]:+.1f} MiB, "
-              f"workers {last[2] - first[2]:+.1f} MiB")
+              f"workers {last[2] - first[2]:+.1f} MiB, worker Python objects {last[4] - first[4]:+d}")
     finally:
         twinkle.shutdown()
     return 0

@@ -7,7 +7,7 @@ import time
 import pytest
 from components import Echo
 
-from twinkle_dask.dashboard import TOPIC
+from twinkle_dask.dashboard import call_records
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -16,7 +16,7 @@ def _events(client, want: int) -> list:
     deadline = time.monotonic() + 10
     calls: list = []
     while time.monotonic() < deadline:
-        calls = [c for _, msg in client.get_events(TOPIC) for c in msg["calls"]]
+        calls = call_records(client)
         if len(calls) >= want:
             break
         time.sleep(0.1)
@@ -28,13 +28,18 @@ def test_calls_are_recorded_per_rank_with_component_method_and_duration(cluster)
     echo.sleep(0.05)()
     with pytest.raises(KeyError):
         echo.fail_on(1)()
-    calls = _events(cluster, 6)
-    mine = [c for c in calls if c[0] == "Echo" and c[1] in ("sleep", "fail_on")]
-    by = {(c[1], c[4]): c for c in mine}
-    assert set(by) == {("sleep", 0), ("sleep", 1), ("fail_on", 0), ("fail_on", 1)}
-    assert all(by["sleep", r][6] - by["sleep", r][5] >= 0.05 for r in (0, 1))
-    assert by["fail_on", 1][7] is False and by["fail_on", 0][7] is True
-    assert any(c[1] == "__init__" for c in calls)
+    cid = echo._twinkle_ref.cid
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        mine = [c for c in _events(cluster, 6) if c.cid == cid]
+        if len(mine) >= 6:
+            break
+        time.sleep(0.1)
+    by = {(c.method, c.rank): c for c in mine}
+    assert set(by) == {("__init__", 0), ("__init__", 1), ("sleep", 0), ("sleep", 1), ("fail_on", 0), ("fail_on", 1)}
+    assert all(by["sleep", r].duration >= 0.05 for r in (0, 1))
+    assert by["fail_on", 1].ok is False and by["fail_on", 0].ok is True
+    assert {c.component for c in mine} == {"Echo"}
 
 
 def test_calls_appear_in_the_task_stream(cluster):

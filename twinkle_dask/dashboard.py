@@ -2,29 +2,38 @@
 
 Workers record each finished call (component, method, rank, start, stop, ok)
 and send them to the scheduler in batches as Dask events on the topic
-``twinkle-calls`` (``client.get_events("twinkle-calls")`` reads them back). A
-scheduler plugin turns them into Task Stream entries named
-``<Component>.<method>``, one row per worker, so group calls show next to (or
-instead of) ordinary Dask tasks. Recording costs an append per call and one
-message per worker every quarter second; ``dask.config``
-``twinkle-dask.record-calls: false`` turns it off.
+``twinkle-calls``; :func:`call_records` reads them back. A scheduler plugin
+turns them into Task Stream entries named ``<Component>.<method>``, one row
+per worker, so group calls show next to (or instead of) ordinary Dask tasks.
+Recording costs an append per call and one compact message (msgpack bytes)
+per worker every half second; ``dask.config`` ``twinkle-dask.record-calls:
+false`` turns it off.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import dask
+import msgpack
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.diagnostics.task_stream import TaskStreamPlugin
 
-__all__ = ["TOPIC", "CallRecorder", "TwinkleSchedulerPlugin", "recording_enabled"]
+__all__ = ["TOPIC", "CallRecord", "CallRecorder", "TwinkleSchedulerPlugin", "call_records", "decode",
+           "recording_enabled"]
 
 logger = logging.getLogger(__name__)
 
 TOPIC = "twinkle-calls"
-FLUSH_INTERVAL = 0.25
+FLUSH_INTERVAL = 0.5
+#: At most this many calls per event (a worker running thousands of calls a second sends the
+#: latest), and the scheduler keeps the last EVENTS_KEPT events of the topic: bounded memory.
+MAX_RECORDS = 500
+EVENTS_KEPT = 64
+TASK_STREAM_KEPT = 10_000
 
 
 def recording_enabled() -> bool:
@@ -53,12 +62,48 @@ class CallRecorder:
 
     def flush(self) -> None:
         self._scheduled = False
-        records, self.records = self.records, []
+        records, self.records = self.records[-MAX_RECORDS:], []
         if records:
             try:
-                self.worker.log_event(TOPIC, {"worker": self.worker.address, "calls": records})
+                self.worker.log_event(TOPIC, msgpack.packb([self.worker.address, records]))
             except Exception:  # the worker is closing
                 logger.debug("twinkle: could not send call records", exc_info=True)
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """One finished call on one rank, as the dashboard shows it."""
+
+    worker: str
+    component: str
+    method: str
+    cid: str
+    call_id: int
+    rank: int
+    start: float
+    stop: float
+    ok: bool
+
+    @property
+    def duration(self) -> float:
+        return self.stop - self.start
+
+
+def decode(msg: bytes) -> list[CallRecord]:
+    """The calls of one ``twinkle-calls`` event."""
+    worker, records = msgpack.unpackb(msg)
+    return [CallRecord(worker, *r) for r in records]
+
+
+def call_records(client: Any) -> list[CallRecord]:
+    """The recent calls the scheduler holds (the last few seconds to minutes of a busy run).
+
+    Examples
+    --------
+    >>> [r.method for r in call_records(client) if r.component == "Model"]  # doctest: +SKIP
+    ['forward', 'forward', 'forward', 'forward']
+    """
+    return [r for _, msg in client.get_events(TOPIC) if isinstance(msg, bytes) for r in decode(msg)]
 
 
 class TwinkleSchedulerPlugin(SchedulerPlugin):
@@ -71,26 +116,30 @@ class TwinkleSchedulerPlugin(SchedulerPlugin):
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
+        try:  # keep fewer events of this busy topic than Dask's default for every topic
+            topic = scheduler._broker._topics[TOPIC]
+            topic.events = deque(topic.events, maxlen=EVENTS_KEPT)
+        except Exception:  # another Dask version: its default bound applies
+            logger.debug("twinkle: could not bound the %s event log", TOPIC, exc_info=True)
 
     def _task_stream(self) -> Any:
         plugin = self.scheduler.plugins.get(TaskStreamPlugin.name)
-        if plugin is None:
-            plugin = TaskStreamPlugin(self.scheduler)
+        if plugin is None:  # no dashboard page made one: keep a shorter history than its default
+            plugin = TaskStreamPlugin(self.scheduler, maxlen=TASK_STREAM_KEPT)
             self.scheduler.add_plugin(plugin)
         return plugin
 
     def log_event(self, topic: str, msg: Any) -> None:
-        if topic != TOPIC or self.scheduler is None or not isinstance(msg, dict):
+        if topic != TOPIC or self.scheduler is None or not isinstance(msg, bytes):
             return
         stream = self._task_stream()
-        worker = msg.get("worker")
-        for label, method, cid, call_id, rank, start, stop, ok in msg.get("calls", ()):
+        for r in decode(msg):
             stream.buffer.append({
-                "key": f"{label}.{method}-{cid.rsplit('-', 1)[-1]}-{call_id}-rank{rank}",
-                "worker": worker,
-                "thread": f"{label}-rank{rank}",
-                "status": "OK" if ok else "error",
-                "startstops": [{"action": "compute", "start": start, "stop": stop}],
+                "key": f"{r.component}.{r.method}-{r.cid.rsplit('-', 1)[-1]}-{r.call_id}-rank{r.rank}",
+                "worker": r.worker,
+                "thread": f"{r.component}-rank{r.rank}",
+                "status": "OK" if r.ok else "error",
+                "startstops": [{"action": "compute", "start": r.start, "stop": r.stop}],
                 "nbytes": 0,
                 "type": "twinkle",
             })
