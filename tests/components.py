@@ -253,3 +253,18 @@ class OnGPU:
 @remote_class(max_restarts=2)
 class Resilient(Echo):
     """An Echo that is rebuilt automatically after its worker dies."""
+
+
+@remote_class()
+class Talker:
+    """Prints and reports metrics from its ranks."""
+
+    @remote_function(dispatch="all")
+    def speak(self, step: int):
+        print(f"step {step} from rank {twinkle.get_rank()}")
+        print("no newline at the end", end="")
+        import sys
+
+        print("to stderr", file=sys.stderr)
+        twinkle.report(step=step, loss=1.0 / (step + 1))
+        return step

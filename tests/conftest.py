@@ -25,3 +25,4 @@ def cluster():
     """A local session with groups data (1 rank), model (4 ranks) and sampler (2 ranks)."""
     with local_session(data=1, model=4, sampler=2) as client:
         yield client
+pytest_plugins = ["pytester"]

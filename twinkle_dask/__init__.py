@@ -29,7 +29,8 @@ from .futures import LazyResult
 from .group import close_component, restart_component
 from .identity import get_local_rank, get_rank, get_world_size, is_master
 from .mesh import DeviceGroup, DeviceMesh
-from .placement import get_device_placement
+from .placement import dispatch_picture, get_device_placement
+from .reporting import get_metrics, report
 from .session import initialize, shutdown
 from .specs import USE_DEFAULT
 
@@ -51,8 +52,10 @@ __all__ = [
     "TwinkleDaskError",
     "WorkerLostError",
     "close_component",
+    "dispatch_picture",
     "get_device_placement",
     "get_local_rank",
+    "get_metrics",
     "get_rank",
     "get_world_size",
     "initialize",
@@ -61,6 +64,7 @@ __all__ = [
     "register_dispatch",
     "remote_class",
     "remote_function",
+    "report",
     "restart_component",
     "shutdown",
 ]

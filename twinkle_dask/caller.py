@@ -45,8 +45,10 @@ class Caller:
         *,
         in_worker: bool,
         connect_timeout: float = 10.0,
+        on_notice: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.loop = loop
+        self.on_notice = on_notice
         self.connection_args = connection_args
         self.in_worker = in_worker
         self.connect_timeout = connect_timeout
@@ -73,7 +75,7 @@ class Caller:
         """
         ch = self._channels.get(address)
         if ch is None:
-            ch = Channel(address, self.connection_args, self.connect_timeout)
+            ch = Channel(address, self.connection_args, self.connect_timeout, self.on_notice)
             self._channels[address] = ch
         return ch
 

@@ -298,10 +298,12 @@ class Channel:
     to a dead worker fail at once).
     """
 
-    def __init__(self, address: str, connection_args: dict[str, Any], timeout: float = 10.0) -> None:
+    def __init__(self, address: str, connection_args: dict[str, Any], timeout: float = 10.0,
+                 on_notice: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.address = address
         self.connection_args = connection_args
         self.timeout = timeout
+        self.on_notice = on_notice
         self.lost: BaseException | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -340,6 +342,13 @@ class Channel:
 
     def _on_batch(self, batch: list[dict[str, Any]]) -> None:
         for reply in batch:
+            if "i" not in reply:  # a notice (component output, metrics), not a reply
+                if self.on_notice is not None:
+                    try:
+                        self.on_notice(reply)
+                    except Exception:
+                        logger.exception("twinkle: could not handle a notice from %s", self.address)
+                continue
             fut = self._pending.pop(reply["i"], None)
             if fut is not None and not fut.done():
                 fut.set_result(reply)
@@ -405,6 +414,11 @@ class ServerEnd:
             return
         fields["i"] = i
         self._writer.push(fields)
+
+    def notify(self, **fields: Any) -> None:
+        """Send a one-way notice (no request id) to the caller."""
+        if not self.closed:
+            self._writer.push(fields)
 
 
 async def serve(

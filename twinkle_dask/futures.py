@@ -12,6 +12,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
+from . import progress
 from ._errors import add_note, decode_error
 from .caller import Caller
 from .channel import unpack
@@ -202,11 +203,46 @@ class LazyResult:
 
     def _wait(self, timeout: float | None) -> None:
         timeout = self._info.timeout if timeout is None else timeout
+        if self._done.done():
+            return
+        first = progress.threshold()
         try:
-            self._done.result(timeout)
+            if timeout is not None and timeout <= first:
+                self._done.result(timeout)
+                return
+            try:
+                self._done.result(first)
+                return
+            except concurrent.futures.TimeoutError:
+                pass
+            remaining = None if timeout is None else timeout - first
+            if not progress.enabled():
+                self._done.result(remaining)
+                return
+            self._wait_with_bar(remaining)
         except concurrent.futures.TimeoutError:
             pending = [self._info.ranks[i] for i, o in enumerate(self._outcomes) if o is None]
             raise CallTimeoutError(self._info.label, self._info.method, timeout or 0.0, pending) from None
+
+    def _wait_with_bar(self, timeout: float | None) -> None:
+        n = len(self._info.ranks)
+        bar = progress.bar(n, f"{self._info.label}.{self._info.method}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                if bar is not None:
+                    bar.n = n - self._remaining
+                    bar.refresh()
+                step = 0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic()))
+                try:
+                    self._done.result(step)
+                    return
+                except concurrent.futures.TimeoutError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise
+        finally:
+            if bar is not None:
+                bar.close()
 
     def _raise_if_failed(self) -> None:
         if self._error is None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import runtime
+from . import progress, runtime
 from ._errors import decode_error
 from .call import CallTarget, caller_site, invoke, prepare_inputs
 from .channel import pack
@@ -450,6 +450,11 @@ class _HandleIterator:
         self._next = MethodSpec("__next__", dispatch="all", execute=spec.execute, collect=spec.collect,
                                 lazy_collect=spec.lazy_collect, timeout=spec.timeout)
         self._done = False
+        self._bar = None
+        if progress.enabled():
+            cls = type(handle)._twinkle_cls
+            total = len(handle) if hasattr(cls, "__len__") else None
+            self._bar = progress.bar(total, f"{cls.__name__} batches")
 
     def __iter__(self) -> _HandleIterator:
         return self
@@ -465,7 +470,11 @@ class _HandleIterator:
         if result._stopped():
             self._done = True
             result._release()
+            if self._bar is not None:
+                self._bar.close()
             raise StopIteration
+        if self._bar is not None:
+            self._bar.update(1)
         return result if lazy else result.result()
 
 

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import runtime
+from .dispatch import dispatch
 from .mesh import DeviceGroup, DeviceMesh
 
-__all__ = ["Placement", "get_device_placement"]
+__all__ = ["Placement", "dispatch_picture", "get_device_placement"]
 
 _WIDTH = 80
 _PARALLEL = ("pp", "dp", "tp", "ep", "cp", "fsdp")
@@ -143,3 +144,54 @@ def get_device_placement(device_group: Sequence[DeviceGroup] | None = None) -> s
     text._html = _placement_html(list(groups), workers)
     return text
 
+
+
+def dispatch_picture(
+    mesh: DeviceMesh, items: int | Sequence[Any], *, dispatch_name: str = "slice_dp", ranks: int | None = None
+) -> str:
+    """Who gets what: each rank's mesh coordinates, data rank and share of ``items``.
+
+    Parameters
+    ----------
+    mesh : DeviceMesh
+    items : int or sequence
+        The batch (or its length: ``range(items)`` is used).
+    dispatch_name : str, default 'slice_dp'
+        Any registered dispatch strategy.
+    ranks : int, optional
+        How many ranks receive the call (default: the mesh's world size).
+
+    Returns
+    -------
+    Placement
+        Text (print it) that renders as an HTML table in a notebook.
+
+    Examples
+    --------
+    >>> print(dispatch_picture(DeviceMesh.from_sizes(dp_size=2, tp_size=2), 6))  # doctest: +NORMALIZE_WHITESPACE
+    rank | dp | tp | data rank | gets
+       0 |  0 |  0 |         0 | [0, 1, 2]
+       1 |  0 |  1 |         0 | [0, 1, 2]
+       2 |  1 |  0 |         1 | [3, 4, 5]
+       3 |  1 |  1 |         1 | [3, 4, 5]
+    """
+    batch = list(range(items)) if isinstance(items, int) else list(items)
+    n = mesh.world_size if ranks is None else ranks
+    pairs = dispatch(dispatch_name, n, (batch,), {}, mesh)
+    dims = list(mesh.mesh_dim_names or ())
+    stride = max(1, mesh.world_size // n)
+    rows = []
+    for rank, (args, _) in enumerate(pairs):
+        coord = mesh._get_coord_for_rank(rank * stride) or ()
+        rows.append([str(rank), *(str(c) for c in coord), str(mesh.get_data_rank_from_global_rank(rank * stride)),
+                     str(args[0])])
+    header = ["rank", *dims, "data rank", "gets"]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = [" | ".join(h.rjust(w) if i < len(header) - 1 else h for i, (h, w) in enumerate(zip(header, widths)))]
+    for row in rows:
+        lines.append(" | ".join(c.rjust(w) if i < len(row) - 1 else c for i, (c, w) in enumerate(zip(row, widths))))
+    text = Placement("\n".join(lines))
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    text._html = ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+                  + body + "</table>")
+    return text

@@ -18,6 +18,7 @@ from .cluster import ClusterConnection, connect_cluster, start_local_cluster, st
 from .exceptions import ConfigurationError
 from .group import BuildPlan, ComponentRef, create_component
 from .mesh import DeviceGroup, DeviceMesh, resolve_groups
+from .reporting import MetricsLog, show_output
 from .runtime import GroupPlacement, LocalSession
 
 __all__ = ["DaskSession", "initialize", "shutdown"]
@@ -59,7 +60,9 @@ class DaskSession:
         self.closed = False
         self._components: dict[str, ComponentRef] = {}
         self._plans: dict[str, list[Any]] = {}
-        self._caller = Caller(self.client.loop.asyncio_loop, self.client.connection_args, in_worker=False)
+        self.metrics_log = MetricsLog()
+        self._caller = Caller(self.client.loop.asyncio_loop, self.client.connection_args, in_worker=False,
+                              on_notice=self._on_notice)
         self._notifier = notifier
         self._notify_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.notify = self._notify if notifier is not None else None
@@ -154,6 +157,14 @@ class DaskSession:
         self.connection.placements[group] = dataclasses.replace(
             old, addresses=tuple(addresses), hosts=hosts  # type: ignore[arg-type]
         )
+
+    # ------------------------------------------------------------------ what components say
+    def _on_notice(self, notice: dict[str, Any]) -> None:
+        if "o" in notice:
+            show_output(notice["w"], notice["s"], notice["o"])
+        elif "r" in notice:
+            self.metrics_log.add({"component": notice["w"], "rank": notice["k"], "time": notice["t"],
+                                  **notice["r"]})
 
     # ------------------------------------------------------------------ notifications
     def _notify(self, message: str) -> None:

@@ -12,6 +12,7 @@ resolving the lazy inputs of later calls.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
@@ -26,7 +27,7 @@ from dask.sizeof import sizeof
 from distributed import WorkerPlugin
 
 from . import identity as _identity
-from . import runtime
+from . import reporting, runtime
 from ._errors import decode_error, encode_error
 from ._seed import seed_everything
 from ._serde import had_device_tensors, set_cuda_landing
@@ -160,6 +161,8 @@ class RankHost:
         self.max_id = 0
         self.closed = False
         self._aloop: asyncio.AbstractEventLoop | None = None
+        self._partial: dict[str, str] = {}
+        self._who = f"{label} rank {ident.rank}"
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._main, name=f"twinkle-{label}-rank{ident.rank}", daemon=True
@@ -264,6 +267,7 @@ class RankHost:
     # ------------------------------------------------------------------ thread side
     def _main(self) -> None:
         runtime.enter_worker_context(self.context)
+        reporting.bind(self)
         while True:
             job = self._queue.get()
             if job is None:
@@ -274,6 +278,7 @@ class RankHost:
             job.started = time.time()
             outcome = self._construct(job) if job.kind == "new" else self._call(job)
             job.stopped = time.time()
+            self._flush_output()
             try:
                 self.loop.call_soon_threadsafe(self._finished, job, outcome)
             except RuntimeError:  # worker loop closed
@@ -281,6 +286,29 @@ class RankHost:
         self.instance = self.iterator = None
         if self._aloop is not None:
             self._aloop.close()
+
+    # -- what the component says (component thread)
+    def output(self, stream: str, text: str) -> None:
+        pending = self._partial.get(stream, "") + text
+        complete, _, rest = pending.rpartition("\n")
+        self._partial[stream] = rest
+        if complete:
+            self._notify(o=complete + "\n", s=stream, w=self._who)
+
+    def _flush_output(self) -> None:
+        for stream, rest in list(self._partial.items()):
+            if rest:
+                self._partial[stream] = ""
+                self._notify(o=rest + "\n", s=stream, w=self._who)
+
+    def metrics(self, values: dict[str, Any]) -> None:
+        self._notify(r=values, w=self.label, k=self.identity.rank, t=time.time())
+
+    def _notify(self, **fields: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(functools.partial(self.owner.notify, **fields))
+        except RuntimeError:  # the worker's loop is closed
+            pass
 
     def _construct(self, job: Job) -> RankOutcome:
         try:
@@ -366,7 +394,9 @@ class TwinkleWorker:
         self.children: list[Any] = []
         #: Counters for tests and benchmarks: results served to other processes.
         self.stats = {"fetches": 0, "fetch_bytes": 0, "calls": 0, "inline_bytes": 0}
-        self.caller = Caller(self.loop, worker.connection_args, in_worker=True, connect_timeout=5.0)
+        self.caller = Caller(self.loop, worker.connection_args, in_worker=True, connect_timeout=5.0,
+                             on_notice=self._on_notice)
+        reporting.route_process_streams()
         self.port: int | None = None
         self.recorder = CallRecorder(worker, self.loop)
         self._server: asyncio.AbstractServer | None = None
@@ -375,6 +405,12 @@ class TwinkleWorker:
         worker.extensions[self.name] = self
         # Tensors that left a GPU land on this worker's GPU (device 0 of its CUDA_VISIBLE_DEVICES).
         set_cuda_landing(os.environ.get("TWINKLE_GPU") == "1")
+
+    @staticmethod
+    def _on_notice(notice: dict[str, Any]) -> None:
+        # Output of a component that a component on this worker built: show it here.
+        if "o" in notice:
+            reporting.show_output(notice["w"], notice["s"], notice["o"])
 
     def resolver(self) -> Resolver:
         async def request(address: str, msg: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,104 @@
+"""pytest fixtures for testing components against a real local cluster.
+
+Installed with twinkle-dask (entry point ``pytest11``), nothing to configure::
+
+    import pytest
+
+    @pytest.mark.twinkle(model=4, data=1)
+    def test_forward(twinkle_client):
+        model = Model(remote_group="model")
+        assert model.forward([1, 2, 3, 4])() == [2, 4, 6, 8]
+
+    def test_other(twinkle_session):
+        with twinkle_session(model=2):          # or start one explicitly
+            ...
+
+``@pytest.mark.twinkle(**groups)`` names CPU groups (``name=ranks``) and, as
+keywords that are not ints, options of ``initialize``. Tests of one module that
+ask for the same groups in a row share one cluster; it is shut down when the
+groups change and at the end of the module, so each group of tests pays the
+start-up once.
+This module imports nothing heavy until a fixture is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+__all__ = ["twinkle_client", "twinkle_session"]
+
+
+class _Shared:
+    """The one local session the fixtures keep between tests."""
+
+    key: tuple[Any, ...] | None = None
+    client: Any = None
+
+    @classmethod
+    def get(cls, options: dict[str, Any]) -> Any:
+        import twinkle_dask as twinkle
+        from twinkle_dask import runtime
+
+        key = tuple(sorted((k, repr(v)) for k, v in options.items()))
+        session = runtime.process_session()
+        if cls.key == key and session is not None and not getattr(session, "closed", True):
+            return cls.client
+        cls.close()
+        groups = [twinkle.DeviceGroup(name=k, ranks=v, device_type="cpu") for k, v in options.items()
+                  if isinstance(v, int) and not isinstance(v, bool)]
+        kwargs = {k: v for k, v in options.items() if not (isinstance(v, int) and not isinstance(v, bool))}
+        kwargs.setdefault("dashboard_address", None)
+        cls.client = twinkle.initialize("dask", groups=groups, **kwargs)
+        cls.key = key
+        return cls.client
+
+    @classmethod
+    def close(cls) -> None:
+        if cls.key is not None:
+            import twinkle_dask as twinkle
+
+            twinkle.shutdown()
+        cls.key = cls.client = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "twinkle(**groups): run the test with a local twinkle_dask cluster of these CPU groups"
+    )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _Shared.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _twinkle_module_cleanup() -> Iterator[None]:
+    yield
+    _Shared.close()
+
+
+@pytest.fixture
+def twinkle_client(request: pytest.FixtureRequest) -> Any:
+    """The Dask client of a local session with the groups of ``@pytest.mark.twinkle(...)``."""
+    marker = request.node.get_closest_marker("twinkle")
+    if marker is None or not marker.kwargs:
+        raise pytest.UsageError(
+            "twinkle_client needs @pytest.mark.twinkle(group=ranks, ...) on the test, e.g. "
+            "@pytest.mark.twinkle(model=4)"
+        )
+    return _Shared.get(dict(marker.kwargs))
+
+
+@pytest.fixture
+def twinkle_session() -> Iterator[Any]:
+    """A factory: ``with twinkle_session(model=4) as client:`` runs a local session for the block."""
+
+    @contextlib.contextmanager
+    def start(**options: Any) -> Iterator[Any]:
+        yield _Shared.get(options)
+
+    yield start
