@@ -37,3 +37,14 @@ def test_testing_example_runs(tmp_path):
                           capture_output=True, text=True, timeout=150, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 passed" in proc.stdout
+
+
+def test_readme_commands_exist():
+    text = README.read_text()
+    root = README.parent
+    for script in re.findall(r"bash ((?:ci|benchmarks)/[\w./-]+\.sh)", text):
+        assert (root / script).exists(), script
+    for module in re.findall(r"python (benchmarks/[\w./-]+\.py)", text):
+        assert (root / module).exists(), module
+    for doc in re.findall(r"\]\(([\w./-]+\.md)\)", text):
+        assert (root / doc).exists(), doc
