@@ -67,6 +67,7 @@ def test_gpu_group_without_gpus_names_the_simulation():
             pass
 
 
+@pytest.mark.skipif(gpu_count() > 0, reason="dask-cuda's GPU-less test switch is for machines without GPUs")
 def test_dask_cuda_worker_path_without_a_gpu(monkeypatch):
     pytest.importorskip("dask_cuda")
     monkeypatch.setenv("DASK_CUDA_TEST_DISABLE_DEVICE_SPECIFIC", "1")

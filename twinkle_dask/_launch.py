@@ -121,6 +121,9 @@ def _fork_worker(argv: list[str], env: dict[str, str]) -> int:
             signal.signal(sig, signal.SIG_DFL)
         os.environ.clear()
         os.environ.update(env)
+        import dask
+
+        dask.config.refresh()  # the zygote read DASK_* variables before this worker's were set
         main([*argv, "--parent", str(os.getppid())])
     except BaseException:
         traceback.print_exc()

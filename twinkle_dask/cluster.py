@@ -279,6 +279,8 @@ def _gpu_worker_specs(group: ResolvedGroup, simulate: bool) -> dict[str, Any]:
         env = _worker_env(group, index)
         env["CUDA_VISIBLE_DEVICES"] = rotated_devices(flat, index, group.gpus_per_worker)
         env["TWINKLE_GPU"] = "simulated" if simulate else "1"
+        if simulate:  # the devices are pretend: Dask must not ask NVML about them
+            env["DASK_DISTRIBUTED__DIAGNOSTICS__NVML"] = "False"
         specs[_worker_name(group.name, index)] = {
             "cls": WorkerProcess, "options": {"resources": tags, "env": env},
         }
