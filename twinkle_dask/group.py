@@ -46,6 +46,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a worker has to answer a request that involves no user code.
+PORT_TIMEOUT = 30.0
+
 _ITER_DEFAULT = MethodSpec("__iter__", dispatch="all", collect="none")
 _LEN_SPEC = MethodSpec("__len__", dispatch="all", execute="first", collect="first", lazy_collect=False)
 
@@ -155,7 +158,11 @@ def _build(session: Any, plan: BuildPlan, site: str | None) -> ComponentRef:
     addresses = tuple(place.addresses[i] for i in plan.indices)
     hosts = [place.hosts[i] for i in plan.indices]
     caller = session.caller
-    port_reply = caller.request_threadsafe(addresses[0], {"t": "port"}).result()
+    try:
+        port_reply = caller.request_threadsafe(addresses[0], {"t": "port"}).result(PORT_TIMEOUT)
+    except concurrent.futures.TimeoutError:
+        raise WorkerLostError(addresses[0], group=group, rank=0, component=f"{label}.__init__",
+                              reason=f"no answer within {PORT_TIMEOUT:g} s") from None
     master_addr, master_port = hosts[0], int(port_reply["port"])
     futures = []
     for rank, address in enumerate(addresses):
