@@ -5,16 +5,10 @@
 # installed without that pin, beside the same dask the main suite tests.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-venv="${TWINKLE_CUDA_VENV:-$root/.venv-cuda}"
-if [ ! -x "$venv/bin/python" ]; then
-    "${PYTHON:-python3}" -m venv "$venv"
-fi
-# shellcheck disable=SC1091
-source "$venv/bin/activate"
-stamp="$venv/.twinkle-installed"
-if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
-    python -m pip install --quiet --upgrade pip
-    python -m pip install --quiet -e "$root[test]"
+export TWINKLE_VENV="${TWINKLE_CUDA_VENV:-$root/.venv-cuda}" TWINKLE_NO_TORCH=1
+source "$root/ci/env.sh"
+stamp="$TWINKLE_VENV/.dask-cuda-installed"
+if [ ! -f "$stamp" ]; then
     python -m pip install --quiet --no-deps "dask-cuda==26.10.0"
     python -m pip install --quiet "nvidia-ml-py==13.615.71" "cuda-core==1.2.2" "cuda-bindings==13.5.0" "pandas>=2"
     touch "$stamp"
