@@ -45,7 +45,7 @@ class _TorchSeedFinder(importlib.abc.MetaPathFinder):
         if spec is None or spec.loader is None:
             return spec
         loader = spec.loader
-        exec_module = loader.exec_module  # type: ignore[attr-defined]
+        exec_module = loader.exec_module
 
         def exec_and_seed(module: ModuleType) -> None:
             exec_module(module)
@@ -55,7 +55,7 @@ class _TorchSeedFinder(importlib.abc.MetaPathFinder):
             if args:
                 _seed_torch(module, args["seed"], args["full_determinism"])
 
-        loader.exec_module = exec_and_seed  # type: ignore[attr-defined]
+        loader.exec_module = exec_and_seed  # type: ignore[method-assign]
         return spec
 
 

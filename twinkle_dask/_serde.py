@@ -75,7 +75,7 @@ class _Pickler(pickle.Pickler):
         return _reduce_tensor(obj)
 
 
-class _CloudPickler(cloudpickle.Pickler):
+class _CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle has no type information
     def reducer_override(self, obj: Any) -> Any:
         reduced = _reduce_tensor(obj)
         if reduced is NotImplemented:

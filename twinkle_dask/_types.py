@@ -52,7 +52,7 @@ DispatchSpec = str | DispatchFn
 CollectSpec = str | CollectFn
 
 
-def tensor_type() -> type | None:
+def tensor_type() -> type[Any] | None:
     """``torch.Tensor`` if torch is imported (far enough to have it), else None.
 
     Never imports torch. Another thread may be importing it right now, so a

@@ -95,7 +95,7 @@ def _encode(batch: list[dict[str, Any]]) -> list[Any]:
         return False
 
     head = pickle.dumps(batch, protocol=5, buffer_callback=out_of_band)
-    frames = [head, *(b.raw() for b in buffers)]
+    frames: list[bytes | memoryview] = [head, *(b.raw() for b in buffers)]
     sizes = b"".join(_U64.pack(len(f) if isinstance(f, bytes) else f.nbytes) for f in frames)
     return [_U64.pack(len(frames)), sizes, *frames]
 
@@ -208,7 +208,7 @@ class _Framed(asyncio.BufferedProtocol):
         # Large frames get their own memory, not zero-filled first (numpy.empty), which the
         # unpickled tensor or array then uses as its storage.
         buf = np.empty(size, dtype=np.uint8)
-        view = memoryview(buf)
+        view = memoryview(buf)  # type: ignore[arg-type]  # numpy declares the buffer protocol for Python 3.12+ only
         have = min(self._available(), size)
         view[:have] = self._take(have)
         if have == size:
@@ -426,7 +426,7 @@ async def serve(
     on_message: Callable[[dict[str, Any], ServerEnd], None],
     on_close: Callable[[ServerEnd], None],
     ssl: Any = None,
-) -> asyncio.AbstractServer:
+) -> asyncio.Server:
     """Listen for channels on ``host`` (a free port); ``on_message`` gets each request."""
 
     def factory() -> _Framed:

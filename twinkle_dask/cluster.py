@@ -324,7 +324,7 @@ def start_local_cluster(
     workers: dict[str, Any] = {}  # dask-cuda subprocesses, managed by the SpecCluster
     forked: list[tuple[str, dict[str, float], dict[str, str]]] = []  # plain workers, forked by the zygote
     for group in groups:
-        specs = _gpu_worker_specs(group, simulate_gpus) if group.is_gpu else {
+        specs: dict[str, Any] = _gpu_worker_specs(group, simulate_gpus) if group.is_gpu else {
             _worker_name(group.name, index): {
                 "cls": WorkerProcess,
                 "options": {"resources": {resource_name(group.name): 1}, "env": _worker_env(group, index)},

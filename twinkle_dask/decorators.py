@@ -28,8 +28,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 CONSTRUCTION_KWARGS = ("remote_group", "instance_id")
 
 
-def _install_construction_hooks(cls: type) -> None:
-    original_new = cls.__new__
+def _install_construction_hooks(cls: type[Any]) -> None:
+    original_new: Callable[..., Any] = cls.__new__
     original_init = cls.__init__
 
     def __new__(klass: type, *args: Any, **kwargs: Any) -> Any:
@@ -59,7 +59,7 @@ def _install_construction_hooks(cls: type) -> None:
                 pass
 
     cls.__new__ = __new__  # type: ignore[assignment]
-    cls.__init__ = __init__  # type: ignore[misc]
+    cls.__init__ = __init__
 
 
 @overload

@@ -61,7 +61,7 @@ class Dispatcher:
 
 
 # --------------------------------------------------------------------------- value helpers
-def _torch_tensor_type() -> type | None:
+def _torch_tensor_type() -> type[Any] | None:
     return tensor_type()
 
 

@@ -129,6 +129,21 @@ class LazyResult:
         "_value_set",
     )
 
+    # Set in _create (annotations only: the slots above hold the values).
+    _caller: Caller
+    _info: CallInfo
+    _inputs: list[LazyResult] | None
+    _notify: Callable[[str], None] | None
+    _outcomes: list[Outcome | None]
+    _remaining: int
+    _done: concurrent.futures.Future[None]
+    _value: Any
+    _value_set: bool
+    _error: BaseException | None
+    _observed: bool
+    _released: bool
+    _lock: threading.Lock
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("LazyResult is returned by remote method calls; it cannot be built directly")
 
@@ -145,12 +160,12 @@ class LazyResult:
         self._info = info
         self._inputs = inputs or None
         self._notify = notify
-        self._outcomes: list[Outcome | None] = [None] * len(info.ranks)
+        self._outcomes = [None] * len(info.ranks)
         self._remaining = len(info.ranks)
-        self._done: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._value: Any = None
+        self._done = concurrent.futures.Future()
+        self._value = None
         self._value_set = False
-        self._error: BaseException | None = None
+        self._error = None
         self._observed = False
         self._released = not info.keep
         self._lock = threading.Lock()

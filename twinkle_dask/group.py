@@ -553,7 +553,7 @@ def handle_class(cls: type) -> type:
 
 
 def make_handle(ref: ComponentRef, remote_group: str | None) -> Any:
-    handle = object.__new__(handle_class(ref.cls))
+    handle: Any = object.__new__(handle_class(ref.cls))
     object.__setattr__(handle, "_twinkle_ref", ref)
     object.__setattr__(handle, "remote_group", remote_group)
     object.__setattr__(handle, "device_mesh", ref.mesh)

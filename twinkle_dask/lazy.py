@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -147,7 +147,11 @@ class LazyView:
     """The collected value of a lazy input, known by shape only."""
 
     __slots__ = ()
-    kind: str
+
+    if TYPE_CHECKING:
+        # Each subclass gives it as a class attribute or a property.
+        @property
+        def kind(self) -> str: ...
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -196,7 +200,7 @@ class ShardView(LazyView):
         self.path = path
         self.rng = rng
 
-    @property  # type: ignore[override]
+    @property
     def kind(self) -> str:
         return self.meta.kind
 
@@ -219,7 +223,7 @@ class ShardView(LazyView):
 
     def item(self, key: Any) -> ShardView:
         if self.kind != "dict" or self.meta.keys is None or self.meta.items is None:
-            return super().item(key)
+            return cast(ShardView, super().item(key))  # the base raises TypeError
         return ShardView(self.src, self.index, self.meta.items[self.meta.keys.index(key)], (*self.path, key))
 
     @property
@@ -267,7 +271,7 @@ class ConcatView(LazyView):
         self._kind = kind
         self.pieces = tuple(shards)
 
-    @property  # type: ignore[override]
+    @property
     def kind(self) -> str:
         return self._kind
 
@@ -297,7 +301,7 @@ class ConcatView(LazyView):
         subs = [s.item(key) for s in self.pieces]
         return ConcatView(subs[0].kind, subs)
 
-    def shards(self) -> list[ShardView]:  # type: ignore[override]
+    def shards(self) -> list[ShardView]:
         return list(self.pieces)
 
     def assemble(self, fetched: Mapping[FetchKey, Any]) -> Any:

@@ -635,7 +635,8 @@ class DeviceMesh:
         """A ``torch.distributed.DeviceMesh`` with the same layout (needs torch.distributed)."""
         import torch
 
-        return torch.distributed.DeviceMesh(self.device_type, self.mesh, mesh_dim_names=self.mesh_dim_names)
+        return torch.distributed.DeviceMesh(  # type: ignore[attr-defined]  # not in torch.distributed.__all__
+            self.device_type, self.mesh, mesh_dim_names=self.mesh_dim_names)
 
     def create_process_group(self, dims: Sequence[str]) -> Any:
         """The torch process group of the current rank's peers along ``dims``.

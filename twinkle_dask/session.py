@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from . import runtime
 from ._seed import seed_everything
@@ -20,6 +20,9 @@ from .group import BuildPlan, ComponentRef, create_component
 from .mesh import DeviceGroup, DeviceMesh, resolve_groups
 from .reporting import MetricsLog, show_output
 from .runtime import GroupPlacement, LocalSession
+
+if TYPE_CHECKING:
+    from tornado.platform.asyncio import AsyncIOLoop
 
 __all__ = ["DaskSession", "initialize", "shutdown"]
 
@@ -61,7 +64,8 @@ class DaskSession:
         self._components: dict[str, ComponentRef] = {}
         self._plans: dict[str, list[Any]] = {}
         self.metrics_log = MetricsLog()
-        self._caller = Caller(self.client.loop.asyncio_loop, self.client.connection_args, in_worker=False,
+        io_loop = cast("AsyncIOLoop", self.client.loop)  # a running client always has its asyncio-backed loop
+        self._caller = Caller(io_loop.asyncio_loop, self.client.connection_args, in_worker=False,
                               on_notice=self._on_notice)
         self._notifier = notifier
         self._notify_pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -153,7 +157,7 @@ class DaskSession:
                     f"group {group!r}: worker(s) {missing or old.names} did not come back within {timeout:g} s"
                 )
             time.sleep(0.2)
-        hosts = tuple(info[a]["host"] for a in addresses)  # type: ignore[index]
+        hosts = tuple(info[a]["host"] for a in addresses)
         self.connection.placements[group] = dataclasses.replace(
             old, addresses=tuple(addresses), hosts=hosts  # type: ignore[arg-type]
         )

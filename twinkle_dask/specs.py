@@ -65,7 +65,7 @@ def _check_timeout(timeout: Any) -> None:
         raise ConfigurationError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
 
 
-def _mesh_param(cls: type) -> str | None:
+def _mesh_param(cls: type[Any]) -> str | None:
     init = cls.__dict__.get("__init__", cls.__init__)
     init = getattr(init, "__wrapped__", init)
     try:

@@ -41,7 +41,7 @@ def local_session(*groups: DeviceGroup, **cpu_groups: int) -> Iterator[Any]:
     ------
     distributed.Client
     """
-    options = {k: v for k, v in cpu_groups.items() if not isinstance(v, int) or isinstance(v, bool)}
+    options: dict[str, Any] = {k: v for k, v in cpu_groups.items() if not isinstance(v, int) or isinstance(v, bool)}
     all_groups = list(groups) + [
         DeviceGroup(name=name, ranks=n, device_type="cpu")
         for name, n in cpu_groups.items()

@@ -48,13 +48,13 @@ logger = logging.getLogger(__name__)
 ARRIVAL_TIMEOUT = 120.0
 
 
-@sizeof.register_lazy("torch")
+@sizeof.register_lazy("torch")  # type: ignore[untyped-decorator]  # dask.sizeof is not annotated
 def _register_torch_sizeof() -> None:
     # dask.sizeof does not know torch tensors (it would say ~80 bytes): without this, large tensor
     # results would count as small and travel back with every reply.
     import torch
 
-    @sizeof.register(torch.Tensor)
+    @sizeof.register(torch.Tensor)  # type: ignore[untyped-decorator]
     def _sizeof_tensor(t: Any) -> int:
         return int(t.element_size() * t.nelement())
 
@@ -399,7 +399,7 @@ class TwinkleWorker:
         reporting.route_process_streams()
         self.port: int | None = None
         self.recorder = CallRecorder(worker, self.loop)
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._listening = self.loop.create_task(self._listen())
         worker.handlers[PORT_HANDLER] = self.twinkle_port
         worker.extensions[self.name] = self
@@ -453,7 +453,7 @@ class TwinkleWorker:
 
     def _on_message(self, msg: dict[str, Any], end: ServerEnd) -> None:
         kind = msg["t"]
-        i = msg.get("i")
+        i: Any = msg.get("i")  # the request id (wire data); None for one-way messages
         try:
             if kind == "call":
                 self._host(msg["c"]).submit(Job("call", msg, end))
