@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from components import Echo
 
@@ -32,6 +34,8 @@ def test_tls_cluster_end_to_end():
             ), "twinkle channels must be encrypted too"
         finally:
             twinkle.shutdown()
+        # In-process workers ran the component in this process; its identity must not stay behind.
+        assert "WORLD_SIZE" not in os.environ and "RANK" not in os.environ
 
 
 def test_tls_scheduler_without_security_is_a_clear_error():

@@ -7,8 +7,9 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
-from components import Echo, Loader
+from components import Broken, Echo, Loader
 
 import twinkle_dask as twinkle
 from twinkle_dask import DeviceGroup, DeviceMesh, LazyResult
@@ -143,3 +144,27 @@ def test_a_script_without_main_guard_runs(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "RESULT [2, 4, 6]" in proc.stdout
+
+
+def test_local_mode_gives_annotated_mesh_parameters_a_dp_mesh_as_twinkle_does(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    twinkle.initialize("local")
+    echo = Echo()
+    assert echo.mesh == DeviceMesh(mesh=np.arange(1), mesh_dim_names=("dp",))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun
+    twinkle.initialize("local")
+    assert Echo().mesh == DeviceMesh(mesh=np.arange(2), mesh_dim_names=("dp",))
+    mesh = DeviceMesh.from_sizes(dp_size=2)
+    twinkle.initialize("local", global_device_mesh=mesh)
+    assert Echo().mesh == mesh
+
+
+def test_notifier_hears_of_failed_constructions():
+    messages = []
+    with local_session(pair=2, notifier=messages.append):
+        with pytest.raises(ValueError):
+            Broken(fail_rank=0, remote_group="pair")
+        deadline = time.monotonic() + 10
+        while not messages and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert messages and messages[0].startswith("Broken.__init__ failed on group 'pair': ValueError")

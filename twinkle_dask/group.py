@@ -199,7 +199,14 @@ def create_component(session: Any, klass: type, args: tuple[Any, ...], kwargs: d
     """Build ``klass`` in a group's workers and return its handle."""
     site = caller_site()
     plan, held = _plan(session, klass, args, kwargs)
-    ref = _build(session, plan, site)
+    try:
+        ref = _build(session, plan, site)
+    except Exception as exc:
+        if session.notify is not None:
+            where = f" (called from {site})" if site else ""
+            session.notify(f"{plan.label}.__init__ failed on group {plan.group!r}: "
+                           f"{type(exc).__name__}: {exc}{where}")
+        raise
     del held  # lazy constructor inputs were fetched: the producers may free them
     session.track(ref, plan)
     return make_handle(ref, plan.group)

@@ -49,6 +49,24 @@ _current: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
 )
 
 
+ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+            "CLUSTER_NAME", "WORKER_NAME")
+
+
+def snapshot_env() -> dict[str, str | None]:
+    """The identity variables of this process, to hand to :func:`restore_env`."""
+    return {k: os.environ.get(k) for k in ENV_VARS}
+
+
+def restore_env(saved: dict[str, str | None]) -> None:
+    """Put back identity variables that in-process component threads rewrote."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        elif os.environ.get(key) != value:
+            os.environ[key] = value
+
+
 def current_identity() -> Identity | None:
     """The identity of the component rank running in this thread, if any."""
     return _current.get()

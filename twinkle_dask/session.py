@@ -6,11 +6,15 @@ import atexit
 import concurrent.futures
 import dataclasses
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
+
+from . import identity as _identity
 from . import runtime
 from ._seed import seed_everything
 from .caller import Caller
@@ -51,6 +55,9 @@ class DaskSession:
         config: tuple[Any, ...],
     ) -> None:
         self.session_id = uuid.uuid4().hex
+        # Workers of an in-process cluster (processes=False) run component
+        # threads in this process and export their identity to os.environ.
+        self._driver_env = _identity.snapshot_env()
         self.connection = connection
         self.client = connection.client
         self.groups = groups
@@ -213,6 +220,7 @@ class DaskSession:
                 stop_local_cluster(conn.cluster, timeout, conn.zygote)
             except Exception:
                 logger.warning("twinkle_dask: closing the local cluster failed", exc_info=True)
+        _identity.restore_env(self._driver_env)
 
 
 def _check_groups(groups: Any) -> list[DeviceGroup]:
@@ -322,6 +330,10 @@ def initialize(
             )
         local_groups = list(groups) if groups is not None else []
         seed_everything(seed, full_determinism)
+        if global_device_mesh is None:
+            # As Twinkle's local mode: a dp mesh over this process's WORLD_SIZE (torchrun).
+            world = int(os.environ.get("WORLD_SIZE") or 1)
+            global_device_mesh = DeviceMesh(mesh=np.arange(world), mesh_dim_names=("dp",))
         runtime.set_process_session(LocalSession(
             seed=seed, full_determinism=full_determinism, global_mesh=global_device_mesh,
             lazy_collect=lazy_collect, groups=local_groups,
