@@ -1,27 +1,16 @@
 """Benchmark runner for twinkle_dask: the twin of ``_runner_twinkle_ray.py``.
 
-Same line protocol, same components and ops (see that file's docstring); only
-the import and the initialization differ: ``twinkle_dask.initialize('dask',
+The same components as there; the ops and the line protocol are
+``_harness.py``'s. Only the import and the initialization differ: ``twinkle_dask.initialize('dask',
 ...)`` starts a local Dask cluster with one worker process per rank. The
 orchestrator ``vs_twinkle_ray.py`` starts it with this project's interpreter.
 """
 
-import os
-import sys
+import time
 
-_REPLY = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
-os.dup2(2, 1)
-sys.stdout = sys.stderr
-
-import gc  # noqa: E402
-import json  # noqa: E402
-import signal  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
+import _harness  # before anything that could print: it keeps stdout for the protocol
 
 _t_import = time.perf_counter()
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
 import torch  # noqa: E402
 
 import twinkle_dask as twinkle  # noqa: E402
@@ -29,7 +18,7 @@ from twinkle_dask import DeviceGroup, DeviceMesh, remote_class, remote_function 
 
 IMPORT_S = time.perf_counter() - _t_import
 
-MIB = 1 << 20
+MIB = _harness.MIB
 
 
 class Platform:
@@ -144,278 +133,22 @@ class Trainer:
         self.opt.step()
 
 
-# =============================================================================
-# Runner state and ops
-# =============================================================================
-
-
-class OpError(Exception):
-    """A request that cannot be served (bad params, wrong order)."""
-
-
-class Runner:
-    def __init__(self):
-        self.requests = 0  # requests received so far, this one included
-        self.groups = None  # {name: ranks} once Twinkle is initialized
-        self.num_cpus = None
-        self.components = {}  # name -> driver-side Twinkle handle
-
-    # ---- initialization -----------------------------------------------------
-
-    def initialize(self, groups):
-        """twinkle_dask.initialize with the given CPU groups; returns seconds."""
-        if self.groups is not None:
-            raise OpError(f"Twinkle is already initialized with groups {self.groups}")
-        t0 = time.perf_counter()
+class DaskRunner(_harness.Runner):
+    def start(self, groups):
         twinkle.initialize(
             "dask",
             seed=42,
             dashboard_address=None,
             groups=[DeviceGroup(name=n, ranks=r, device_type="cpu") for n, r in groups.items()],
         )
-        self.groups = dict(groups)
-        return time.perf_counter() - t0
 
-    def need_group(self, name, ranks=None):
-        if self.groups is None:
-            raise OpError("not initialized: send 'setup' first")
-        if name not in self.groups:
-            raise OpError(f"group {name!r} missing from setup groups {self.groups}")
-        if ranks is not None and self.groups[name] != ranks:
-            raise OpError(f"group {name!r} has {self.groups[name]} ranks, this op needs {ranks}")
-        return self.groups[name]
-
-    # ---- components ---------------------------------------------------------
-
-    def build(self, key):
-        """Construct a component (returns when every rank's __init__ has run)."""
-        if key in self.components:
-            return self.components[key]
-        kind, group = key.split("@")
-        ranks = self.need_group(group)
-        # An explicit instance_id: Twinkle otherwise names actors after the
-        # calling file:line, which would collide for two builds from one line.
-        opts = dict(remote_group=group, instance_id=key)
-        if kind == "bench":
-            comp = Bench(**opts)
-        elif kind == "dataset":
-            comp = Dataset(**opts)
-        elif kind == "consumer":
-            comp = Consumer(device_mesh=DeviceMesh.from_sizes(dp_size=ranks), **opts)
-        elif kind == "trainer":
-            comp = Trainer(device_mesh=DeviceMesh.from_sizes(dp_size=ranks), **opts)
-        else:
-            raise OpError(f"unknown component {key!r}")
-        self.components[key] = comp
-        return comp
-
-    @staticmethod
-    def wait_ready(comp):
+    def wait_ready(self, comp):
         """Components are ready when their constructor returns."""
-
-    def get(self, key):
-        """A built component; builds (and waits for) it if setup did not."""
-        if key not in self.components:
-            self.wait_ready(self.build(key))
-        return self.components[key]
-
-    # ---- ops ----------------------------------------------------------------
-
-    def op_startup(self, ranks=4):
-        if self.requests != 1:
-            raise OpError("'startup' is only valid as the first request of a runner process")
-        ranks = int(ranks)
-        init_s = self.initialize({"startup": ranks})
-        t0 = time.perf_counter()
-        comp = Bench(remote_group="startup", instance_id="bench@startup")
-        comp.noop()  # first (blocking) call: waits for all actors to start
-        component_s = time.perf_counter() - t0
-        self.components["bench@startup"] = comp
-        return {"times": [init_s + component_s], "init_s": init_s,
-                "component_s": component_s, "import_s": IMPORT_S}
-
-    def op_setup(self, groups):
-        if not isinstance(groups, dict) or not groups:
-            raise OpError("'groups' must be a non-empty object {name: ranks}")
-        groups = {str(k): int(v) for k, v in groups.items()}
-        t0 = time.perf_counter()
-        init_s = self.initialize(groups) if self.groups is None else 0.0
-        if self.groups != groups:
-            raise OpError(f"already initialized with different groups {self.groups}")
-        keys = []
-        if "a" in groups:
-            keys += ["bench@a", "dataset@a"]
-        if "b" in groups:
-            keys += ["consumer@b", "trainer@b"]
-        keys += [f"bench@{g}" for g in groups if g[:1] == "s" and g[1:].isdigit()]
-        t1 = time.perf_counter()
-        comps = [self.build(k) for k in keys]  # actor creation overlaps ...
-        for comp in comps:  # ... and we wait for all of them here
-            self.wait_ready(comp)
-        build_s = time.perf_counter() - t1
-        return {"times": [time.perf_counter() - t0], "init_s": init_s, "build_s": build_s,
-                "num_cpus": self.num_cpus, "groups": self.groups, "components": keys}
-
-    def op_call_all(self, iters, warmup=1):
-        bench = self.get("bench@a")
-        times = []
-        for i in range(warmup + iters):
-            t0 = time.perf_counter()
-            bench.noop()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-        return {"times": times}
-
-    def op_slice_flatten(self, iters, warmup=1):
-        bench = self.get("bench@a")
-        items = list(range(16))
-        times = []
-        for i in range(warmup + iters):
-            t0 = time.perf_counter()
-            out = bench.echo(items)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-            if i == 0 and out != items:
-                raise OpError(f"slice/flatten returned {out!r}, expected {items!r}")
-        return {"times": times}
-
-    def op_pipelined(self, calls=1000, warmup=1):
-        bench = self.get("bench@a")
-        n = self.need_group("a")
-        for i in range(warmup):
-            bench.small(i)()
-        t0 = time.perf_counter()
-        lazies = [bench.small(i) for i in range(calls)]  # issue everything first
-        results = [lz() for lz in lazies]  # then collect (r() collects)
-        total = time.perf_counter() - t0
-        if results[-1] != [calls - 1] * n:
-            raise OpError(f"pipelined: last result {results[-1]!r}, expected {[calls - 1] * n!r}")
-        return {"times": [total], "calls": calls}
-
-    def op_handoff(self, iters, mib=4, warmup=1):
-        ranks = self.need_group("a")
-        self.need_group("b", ranks)  # rank k of B consumes rank k of A
-        producer, consumer = self.get("bench@a"), self.get("consumer@b")
-        mib = int(mib)
-        numel = mib * MIB // 4
-        expected = [float(numel * (k + 1)) for k in range(ranks)]
-        proc = psutil.Process()
-
-        def one():
-            shards = producer.make_tensor(mib)  # lazy: stays on the producer workers
-            return consumer.checksum(shards)  # B pulls it worker-to-worker
-
-        for _ in range(warmup):
-            one()
-        gc.collect()
-        rss0 = proc.memory_info().rss
-        times, sums = [], None
-        for i in range(iters):
-            t0 = time.perf_counter()
-            got = one()
-            times.append(time.perf_counter() - t0)
-            if i == 0:
-                sums = got
-                if got != expected:
-                    raise OpError(f"handoff checksums {got!r}, expected {expected!r}")
-        gc.collect()
-        rss_growth = (proc.memory_info().rss - rss0) / MIB
-        return {"times": times, "rss_growth_mib": rss_growth, "mib": mib, "checksums": sums}
-
-    def op_train_step(self, iters, warmup=1):
-        dataset, trainer = self.get("dataset@a"), self.get("trainer@b")
-        times, losses = [], []
-        for i in range(warmup + iters):
-            t0 = time.perf_counter()
-            batch = dataset.get_batch()  # lazy: the batch never visits the driver
-            loss = trainer.forward_backward(batch)  # lazy
-            trainer.step()  # blocking; runs after forward_backward on every rank
-            loss = float(loss())  # collect: mean over the dp ranks
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-                losses.append(loss)
-        if not all(np.isfinite(losses)):
-            raise OpError(f"non-finite loss: {losses}")
-        return {"times": times, "loss_first": losses[0] if losses else None,
-                "loss_last": losses[-1] if losses else None}
-
-    def op_scaling(self, ranks=(1, 2, 4, 8), iters=100, warmup=1):
-        ranks = [int(k) for k in ranks]
-        if self.groups is None:
-            self.initialize({f"s{k}": k for k in ranks})
-        for k in ranks:
-            self.need_group(f"s{k}", k)
-        # Build every size first and only then measure, so that no measurement
-        # competes with other actors still starting.
-        t0 = time.perf_counter()
-        benches = {k: self.build(f"bench@s{k}") for k in ranks}
-        for comp in benches.values():
-            self.wait_ready(comp)
-        build_s = time.perf_counter() - t0
-        by_ranks = {}
-        for k, bench in benches.items():
-            times = []
-            for i in range(warmup + iters):
-                t1 = time.perf_counter()
-                bench.noop()
-                if i >= warmup:
-                    times.append(time.perf_counter() - t1)
-            by_ranks[str(k)] = times
-        return {"times": [], "by_ranks": by_ranks, "build_s": build_s}
-
-    def op_shutdown(self):
-        return {"times": []}
 
     def close(self):
         twinkle.shutdown()
 
 
-OPS = {
-    "startup": Runner.op_startup,
-    "setup": Runner.op_setup,
-    "call_all": Runner.op_call_all,
-    "slice_flatten": Runner.op_slice_flatten,
-    "pipelined": Runner.op_pipelined,
-    "handoff": Runner.op_handoff,
-    "train_step": Runner.op_train_step,
-    "scaling": Runner.op_scaling,
-    "shutdown": Runner.op_shutdown,
-}
-
-
-def reply(obj):
-    _REPLY.write(json.dumps(obj) + "\n")
-    _REPLY.flush()
-
-
-def main():
-    # A terminated runner still runs the `finally` below, so the local cluster goes with it.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    runner = Runner()
-    try:
-        for line in sys.stdin:
-            line = line.strip()
-            if not line:
-                continue
-            runner.requests += 1
-            try:
-                req = json.loads(line)
-                if not isinstance(req, dict):
-                    raise OpError("a request must be a JSON object")
-                name = req.pop("op", None)
-                if name not in OPS:
-                    raise OpError(f"unknown op {name!r}; known: {sorted(OPS)}")
-                result = OPS[name](runner, **req)
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
-                traceback.print_exc(file=sys.stderr)
-                reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-                continue
-            reply({"ok": True, **result})
-            if name == "shutdown":
-                break
-    finally:
-        runner.close()
-
-
 if __name__ == "__main__":
-    main()
+    classes = {"bench": Bench, "dataset": Dataset, "consumer": Consumer, "trainer": Trainer}
+    _harness.serve(DaskRunner(classes, DeviceMesh, IMPORT_S))

@@ -18,6 +18,7 @@ import sys
 import time
 
 import torch
+from _timing import timed
 
 import twinkle_dask as twinkle
 from twinkle_dask import DeviceGroup, remote_class, remote_function
@@ -42,17 +43,7 @@ class Producer:
 class Consumer:
     @remote_function(dispatch="all", collect="first", lazy_collect=False)
     def checksum(self, t: torch.Tensor) -> tuple[str, float]:
-        return str(t.device), float(t.sum())
-
-
-def median_ms(fn, iters: int) -> list[float]:
-    fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
+        return str(t.device), float(t.sum(dtype=torch.float64))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,11 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         producer = Producer(remote_group="gpu")
         on_gpu, on_cpu = Consumer(remote_group="gpu"), Consumer(remote_group="cpu")
-        assert on_gpu.checksum(producer.make(args.mib))[0] == "cuda:0"
+        device, total = on_gpu.checksum(producer.make(args.mib))
+        if device != "cuda:0" or total != args.mib * MIB // 4:
+            raise RuntimeError(f"the GPU consumer saw a tensor on {device} summing to {total}")
         rows = []
         for label, consumer in (("GPU -> same GPU worker", on_gpu), ("GPU -> CPU worker", on_cpu)):
-            lazy = median_ms(lambda c=consumer: c.checksum(producer.make(args.mib)), args.iters)
-            driver = median_ms(lambda c=consumer: c.checksum(producer.make(args.mib)()), args.iters)
+            lazy = timed(lambda c=consumer: c.checksum(producer.make(args.mib)), 1, args.iters)
+            driver = timed(lambda c=consumer: c.checksum(producer.make(args.mib)()), 1, args.iters)
             rows.append((f"{args.mib} MiB CUDA tensor, {label}", lazy, driver))
         print(f"| workload ({torch.cuda.get_device_name(0)}) | lazy hand-off | via the driver | ratio |")
         print("|---|---|---|---|")
