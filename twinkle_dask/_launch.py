@@ -27,6 +27,11 @@ import traceback
 from typing import Any
 
 
+def restart_delay(restarts: int) -> float:
+    """Seconds before a lost worker is started again: longer with each restart, at most 5."""
+    return min(5.0, 0.2 * restarts)
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m twinkle_dask._launch")
     parser.add_argument("scheduler")
@@ -94,7 +99,7 @@ async def _run(args: argparse.Namespace) -> None:
     if not finished.done():
         try:
             await asyncio.wait_for(worker.close(), 10)
-        except (asyncio.TimeoutError, Exception):
+        except Exception:  # timed out, or the scheduler went first
             pass
 
 
@@ -186,7 +191,7 @@ def zygote(preload: list[str]) -> None:
                 restarts[name] = restarts.get(name, 0) + 1
                 print(f"twinkle_dask: worker {name} exited; starting it again (restart {restarts[name]})",
                       file=sys.stderr, flush=True)
-                due.append((time.monotonic() + min(5.0, 0.2 * restarts[name]), name))
+                due.append((time.monotonic() + restart_delay(restarts[name]), name))
             if block:
                 return
 

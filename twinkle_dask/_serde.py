@@ -17,17 +17,15 @@ from __future__ import annotations
 import io
 import pickle
 import sys
-import threading
 from typing import Any
 
 import cloudpickle
 
 from ._types import tensor_type
 
-__all__ = ["Blob", "dumps_blob", "had_device_tensors", "set_cuda_landing"]
+__all__ = ["Blob", "dumps_blob", "set_cuda_landing"]
 
 _cuda_landing = False
-_state = threading.local()
 
 
 def set_cuda_landing(enabled: bool) -> None:
@@ -53,7 +51,7 @@ def _rebuild_tensor(buf: Any, dtype: str, shape: tuple[int, ...], requires_grad:
     return t
 
 
-def _reduce_tensor(obj: Any) -> Any:
+def _reduce_tensor(pickler: Any, obj: Any) -> Any:
     tensor = tensor_type()
     if tensor is None or type(obj) is not tensor:
         return NotImplemented
@@ -62,7 +60,7 @@ def _reduce_tensor(obj: Any) -> Any:
         return NotImplemented
     t = obj.detach()
     if t.device.type != "cpu":
-        _state.device_tensors = True
+        pickler.device_tensors = True
         t = t.cpu()
     data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
     dtype = str(obj.dtype).rsplit(".", 1)[-1]
@@ -71,28 +69,28 @@ def _reduce_tensor(obj: Any) -> Any:
 
 
 class _Pickler(pickle.Pickler):
+    device_tensors = False  # set when a GPU tensor was copied to host
+
     def reducer_override(self, obj: Any) -> Any:
-        return _reduce_tensor(obj)
+        return _reduce_tensor(self, obj)
 
 
 class _CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle has no type information
+    device_tensors = False
+
     def reducer_override(self, obj: Any) -> Any:
-        reduced = _reduce_tensor(obj)
+        reduced = _reduce_tensor(self, obj)
         if reduced is NotImplemented:
             return super().reducer_override(obj)
         return reduced
 
 
-def had_device_tensors() -> bool:
-    """Whether the last :func:`dumps_serialized` in this thread moved GPU tensors to host."""
-    return bool(getattr(_state, "device_tensors", False))
-
-
-def _dump(pickler_cls: type, obj: Any) -> tuple[bytes, list[Any]]:
+def _dump(pickler_cls: type, obj: Any) -> tuple[bytes, list[Any], bool]:
     buffers: list[Any] = []
     f = io.BytesIO()
-    pickler_cls(f, protocol=5, buffer_callback=buffers.append).dump(obj)
-    return f.getvalue(), buffers
+    pickler = pickler_cls(f, protocol=5, buffer_callback=buffers.append)
+    pickler.dump(obj)
+    return f.getvalue(), buffers, pickler.device_tensors
 
 
 class Blob:
@@ -100,13 +98,15 @@ class Blob:
 
     Pickled inside a message it travels as the message's own out-of-band
     frames (small ones in band), so large tensors are never copied into the
-    message. :meth:`load` unpickles it.
+    message. :meth:`load` unpickles it. ``device`` says whether GPU tensors
+    were copied to host to make it (known where it was made, not sent).
     """
 
-    __slots__ = ("frames",)
+    __slots__ = ("device", "frames")
 
-    def __init__(self, frames: list[Any]) -> None:
+    def __init__(self, frames: list[Any], device: bool = False) -> None:
         self.frames = frames
+        self.device = device
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         if isinstance(protocol, int) and protocol >= 5:
@@ -127,11 +127,10 @@ def _blob(*frames: Any) -> Blob:
 
 def dumps_blob(obj: Any) -> Blob:
     """Pickle ``obj`` (protocol 5; arrays and tensors out of band) into a :class:`Blob`."""
-    _state.device_tensors = False
     try:
-        data, buffers = _dump(_Pickler, obj)
+        data, buffers, device = _dump(_Pickler, obj)
         if b"__main__" in data:
             raise pickle.PicklingError("refers to __main__")
     except Exception:
-        data, buffers = _dump(_CloudPickler, obj)
-    return Blob([data, *(b.raw() for b in buffers)])
+        data, buffers, device = _dump(_CloudPickler, obj)
+    return Blob([data, *(b.raw() for b in buffers)], device)

@@ -33,11 +33,12 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from distributed.comm.addressing import get_address_host
 
 from ._serde import Blob, dumps_blob
 from .exceptions import SerializationError, WorkerLostError
 
-__all__ = ["Blob", "Channel", "LoopInbox", "ServerEnd", "pack", "parse_address", "serve", "unpack"]
+__all__ = ["Blob", "Channel", "LoopInbox", "ServerEnd", "pack", "serve", "unpack"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +78,6 @@ def unpack(obj: Any) -> Any:
     return obj
 
 
-def parse_address(address: str) -> tuple[str, str]:
-    """``tcp://host:port`` -> (scheme, host)."""
-    scheme, _, rest = address.partition("://")
-    host = rest.rsplit(":", 1)[0]
-    return scheme, host.strip("[]")
-
-
 # --------------------------------------------------------------------------- wire
 def _encode(batch: list[dict[str, Any]]) -> list[Any]:
     buffers: list[pickle.PickleBuffer] = []
@@ -108,9 +102,11 @@ class _Framed(asyncio.BufferedProtocol):
     tensor or array then uses as its memory.
     """
 
-    def __init__(self, on_batch: Callable[[list[dict[str, Any]]], None], on_lost: Callable[[Any], None]) -> None:
+    def __init__(self, on_batch: Callable[[list[dict[str, Any]]], None], on_lost: Callable[[Any], None],
+                 on_made: Callable[[_Framed], None] | None = None) -> None:
         self.on_batch = on_batch
         self.on_lost = on_lost
+        self.on_made = on_made
         self.transport: asyncio.Transport | None = None
         self._stage = bytearray(_STAGING)
         self._start = 0
@@ -139,6 +135,8 @@ class _Framed(asyncio.BufferedProtocol):
             except OSError:
                 pass
         transport.set_write_buffer_limits(high=2 * _CHUNK)
+        if self.on_made is not None:
+            self.on_made(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -321,7 +319,7 @@ class Channel:
         try:
             async with rpc(self.address, timeout=self.timeout, connection_args=self.connection_args) as r:
                 port = await r.twinkle_port()
-            _, host = parse_address(self.address)
+            host = get_address_host(self.address)
             ssl = self.connection_args.get("ssl_context")
             loop = asyncio.get_running_loop()
             _, proto = await asyncio.wait_for(
@@ -440,15 +438,7 @@ async def serve(
             end.closed = True
             on_close(end)
 
-        proto = _Framed(on_batch, on_lost)
-        original = proto.connection_made
-
-        def made(transport: Any) -> None:
-            original(transport)
-            end.attach(proto)
-
-        proto.connection_made = made  # type: ignore[method-assign]
-        return proto
+        return _Framed(on_batch, on_lost, on_made=end.attach)
 
     return await asyncio.get_running_loop().create_server(factory, host, 0, ssl=ssl)
 

@@ -26,6 +26,7 @@ import psutil
 from distributed import Client, Scheduler, SpecCluster
 from distributed.deploy.spec import ProcessInterface
 
+from ._launch import restart_delay
 from .dashboard import TwinkleSchedulerPlugin
 from .exceptions import ConfigurationError
 from .mesh import ResolvedGroup
@@ -108,7 +109,7 @@ class WorkerProcess(ProcessInterface):
             self.restarts += 1
             logger.warning("twinkle_dask: worker %s exited with code %s; starting it again (restart %d)",
                            self.worker_name, code, self.restarts)
-            await asyncio.sleep(min(5.0, 0.2 * self.restarts))
+            await asyncio.sleep(restart_delay(self.restarts))
             if not self._stopping:
                 await self._spawn()
 

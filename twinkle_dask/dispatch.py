@@ -61,10 +61,6 @@ class Dispatcher:
 
 
 # --------------------------------------------------------------------------- value helpers
-def _torch_tensor_type() -> type[Any] | None:
-    return tensor_type()
-
-
 def kind_of(value: Any) -> str:
     """The structural kind of a value or lazy view, as dispatch sees it."""
     if isinstance(value, LazyView):
@@ -77,7 +73,7 @@ def kind_of(value: Any) -> str:
         return "dict"
     if isinstance(value, np.ndarray):
         return "ndarray" if value.ndim > 0 else "other"
-    tensor = _torch_tensor_type()
+    tensor = tensor_type()
     if tensor is not None and isinstance(value, tensor):
         return "tensor" if value.dim() > 0 else "other"
     return "other"

@@ -118,6 +118,11 @@ class Placement(str):
 
     _html: str
 
+    def __new__(cls, text: str, html_text: str = "") -> Placement:
+        self = super().__new__(cls, text)
+        self._html = html_text or f"<pre>{html.escape(text)}</pre>"
+        return self
+
     def _repr_html_(self) -> str:
         return self._html
 
@@ -140,10 +145,7 @@ def get_device_placement(device_group: Sequence[DeviceGroup] | None = None) -> s
     if not groups:
         return Placement("No device group provided.")
     workers = getattr(session, "placements", {}) if device_group is None else {}
-    text = Placement(_placement_text(list(groups), workers))
-    text._html = _placement_html(list(groups), workers)
-    return text
-
+    return Placement(_placement_text(list(groups), workers), _placement_html(list(groups), workers))
 
 
 def dispatch_picture(
@@ -187,11 +189,10 @@ def dispatch_picture(
                      str(args[0])])
     header = ["rank", *dims, "data rank", "gets"]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = [" | ".join(h.rjust(w) if i < len(header) - 1 else h for i, (h, w) in enumerate(zip(header, widths)))]
-    for row in rows:
-        lines.append(" | ".join(c.rjust(w) if i < len(row) - 1 else c for i, (c, w) in enumerate(zip(row, widths))))
-    text = Placement("\n".join(lines))
+
+    def line(cells: list[str]) -> str:  # right-aligned columns, the last ('gets') as it is
+        return " | ".join([*(c.rjust(w) for c, w in zip(cells[:-1], widths)), cells[-1]])
+
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    text._html = ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
-                  + body + "</table>")
-    return text
+    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" + body + "</table>"
+    return Placement("\n".join(line(r) for r in [header, *rows]), table)

@@ -35,6 +35,15 @@ logger = logging.getLogger(__name__)
 MODES = ("local", "dask")
 
 
+@dataclasses.dataclass(slots=True)
+class _Tracked:
+    """A live component of the session: how to rebuild it, and how often it was."""
+
+    ref: ComponentRef
+    plan: BuildPlan
+    restarts: int = 0
+
+
 class DaskSession:
     """The driver's session in ``mode='dask'``."""
 
@@ -68,8 +77,7 @@ class DaskSession:
         self.name = name
         self.config = config
         self.closed = False
-        self._components: dict[str, ComponentRef] = {}
-        self._plans: dict[str, list[Any]] = {}
+        self._components: dict[str, _Tracked] = {}  # by component id
         self.metrics_log = MetricsLog()
         io_loop = cast("AsyncIOLoop", self.client.loop)  # a running client always has its asyncio-backed loop
         self._caller = Caller(io_loop.asyncio_loop, self.client.connection_args, in_worker=False,
@@ -112,36 +120,32 @@ class DaskSession:
         }
 
     def track(self, ref: ComponentRef, plan: BuildPlan) -> None:
-        self._components[ref.cid] = ref
-        self._plans[ref.cid] = [plan, 0]
+        self._components[ref.cid] = _Tracked(ref, plan)
         for group in self.groups:
             if group.name == ref.group and ref.mesh is not None:
                 group._device_mesh[ref.label] = ref.mesh
 
     def untrack(self, ref: ComponentRef) -> None:
         self._components.pop(ref.cid, None)
-        self._plans.pop(ref.cid, None)
 
     def is_open(self, ref: ComponentRef) -> bool:
         return not self.closed and ref.cid in self._components
 
     # ------------------------------------------------------------------ recovery
     def plan_of(self, ref: ComponentRef) -> BuildPlan:
-        plan: BuildPlan = self._plans[ref.cid][0]
-        return plan
+        return self._components[ref.cid].plan
 
     def replace(self, old: ComponentRef, new: ComponentRef) -> None:
         """The component ``old`` was rebuilt as ``new``."""
-        record = self._plans.pop(old.cid)
-        record[1] += 1
-        self._plans[new.cid] = record
-        self._components.pop(old.cid, None)
-        self._components[new.cid] = new
+        record = self._components.pop(old.cid)
+        record.ref = new
+        record.restarts += 1
+        self._components[new.cid] = record
 
     def should_restart(self, ref: ComponentRef) -> bool:
         """Whether a component lost a worker and may still be rebuilt automatically."""
-        record = self._plans.get(ref.cid)
-        if record is None or record[1] >= record[0].max_restarts:
+        record = self._components.get(ref.cid)
+        if record is None or record.restarts >= record.plan.max_restarts:
             return False
         return any(self._caller.is_lost(a) for a in ref.addresses)
 
@@ -197,9 +201,9 @@ class DaskSession:
             return
         self.closed = True
         futures = [
-            self._caller.request_threadsafe(addr, {"t": "close", "c": ref.cid})
-            for ref in self._components.values()
-            for addr in ref.addresses
+            self._caller.request_threadsafe(addr, {"t": "close", "c": record.ref.cid})
+            for record in self._components.values()
+            for addr in record.ref.addresses
         ]
         concurrent.futures.wait(futures, timeout=min(timeout, 10.0))
         self._components.clear()

@@ -25,15 +25,16 @@ from typing import Any
 
 from dask.sizeof import sizeof
 from distributed import WorkerPlugin
+from distributed.comm.addressing import get_address_host
 
 from . import identity as _identity
 from . import reporting, runtime
 from ._errors import decode_error, encode_error
 from ._seed import seed_everything
-from ._serde import had_device_tensors, set_cuda_landing
+from ._serde import set_cuda_landing
 from .call import INLINE_ALL, INLINE_BYTES, INLINE_SMALL
 from .caller import Caller
-from .channel import PORT_HANDLER, ServerEnd, pack, parse_address, serve, unpack
+from .channel import PORT_HANDLER, ServerEnd, pack, serve, unpack
 from .dashboard import CallRecorder
 from .exceptions import ComponentClosedError, ConfigurationError, SerializationError
 from .group import create_component, identity_from_wire
@@ -128,12 +129,11 @@ class Job:
 class RankOutcome:
     """A finished call on this rank: its value (kept for fetches) or its error."""
 
-    __slots__ = ("device", "error", "meta", "ok", "packed", "stop", "value")
+    __slots__ = ("error", "meta", "ok", "packed", "stop", "value")
 
     def __init__(self, ok: bool, value: Any = None, meta: Meta | None = None, packed: Any = None,
-                 error: dict[str, Any] | None = None, stop: bool = False, device: bool = False) -> None:
+                 error: dict[str, Any] | None = None, stop: bool = False) -> None:
         self.ok = ok
-        self.device = device
         self.value = value
         self.meta = meta
         self.packed = packed
@@ -223,10 +223,10 @@ class RankHost:
             if outcome.packed is not None:
                 fields["v"] = outcome.packed
                 self.ext.stats["inline_bytes"] += outcome.packed.nbytes
+                if outcome.packed.device:  # GPU tensors: consumers fetch them to land on their device
+                    fields["g"] = True
             if outcome.stop:
                 fields["s"] = True
-            if outcome.device:
-                fields["g"] = True
         else:
             fields.update(outcome.error or {})
         outcome.packed = None
@@ -360,15 +360,13 @@ class RankHost:
 
     def _ok(self, value: Any, inline: int, name: str) -> RankOutcome:
         packed = None
-        device = False
         if inline == INLINE_ALL or (inline == INLINE_SMALL and sizeof(value) <= INLINE_BYTES):
             try:
                 packed = pack(value, f"the result of {self.label}.{name} on rank {self.identity.rank}")
-                device = had_device_tensors()
             except SerializationError:
                 if inline == INLINE_ALL:
                     raise
-        return RankOutcome(True, value, Meta.of(value), packed, device=device)
+        return RankOutcome(True, value, Meta.of(value), packed)
 
     def _run_async(self, awaitable: Any) -> Any:
         if self._aloop is None:
@@ -435,7 +433,7 @@ class TwinkleWorker:
         return host
 
     async def _listen(self) -> None:
-        _, host = parse_address(self.worker.address)
+        host = get_address_host(self.worker.address)
         ssl = self.worker.security.get_listen_args("worker").get("ssl_context")
         self._server = await serve(host, self._on_message, self._on_channel_closed, ssl=ssl)
         self.port = int(self._server.sockets[0].getsockname()[1])
