@@ -30,6 +30,18 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _scheduler_address(sched_file, timeout: float) -> str:
+    """The address in the scheduler file, once the scheduler has written all of it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return json.loads(sched_file.read_text())["address"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def cli_cluster(tmp_path_factory):
     """A `dask scheduler` and five `dask worker`s: one tagged for 'data', two fake GPU workers, two plain."""
@@ -38,11 +50,7 @@ def cli_cluster(tmp_path_factory):
     procs = [subprocess.Popen([sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1", "--port", "0",
                                "--no-dashboard", "--scheduler-file", str(sched_file)], env=_env())]
     try:
-        deadline = time.monotonic() + 60
-        while not sched_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(0.2)
-        address = json.loads(sched_file.read_text())["address"]
+        address = _scheduler_address(sched_file, timeout=60)
         workers = [
             (["--name", "tagged", "--resources", "twinkle-data=1", "--preload", "twinkle_dask.worker"], {}),
             (["--name", "gpu-a"], {"CUDA_VISIBLE_DEVICES": "0,1"}),

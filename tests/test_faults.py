@@ -11,13 +11,25 @@ from components import Echo, Resilient
 
 import twinkle_dask as twinkle
 from twinkle_dask.exceptions import WorkerLostError
-from twinkle_dask.testing import local_session
+from twinkle_dask.testing import local_session, worker_stats
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def _pids(handle) -> list[int]:
     return [i["pid"] for i in handle.identity()()]
+
+
+def _until_received(handle, rank: int, calls_before: int) -> None:
+    """Wait until the worker of ``rank`` has received a call beyond its first ``calls_before``."""
+    address = handle._twinkle_ref.addresses[rank]
+    deadline = time.monotonic() + 10
+    while worker_stats()[address]["calls"] <= calls_before:  # each poll is a round trip to the workers
+        assert time.monotonic() < deadline, f"no call reached {address}"
+
+
+def _calls(handle, rank: int) -> int:
+    return worker_stats()[handle._twinkle_ref.addresses[rank]]["calls"]
 
 
 def _wait_gone(pid: int) -> None:
@@ -35,9 +47,10 @@ def test_worker_killed_mid_call_fails_fast_and_names_the_rank():
         echo = Echo(tag="keep", remote_group="model")
         other = Echo(remote_group="other")
         victim = _pids(echo)[1]
+        before = _calls(echo, 1)
         running = echo.sleep(30)
         consumer = other.recv.options(dispatch="all")(running)
-        time.sleep(0.3)
+        _until_received(echo, 1, before)  # rank 1 is running it
         os.kill(victim, signal.SIGKILL)
         start = time.monotonic()
         with pytest.raises(WorkerLostError) as info:
@@ -73,8 +86,9 @@ def test_max_restarts_rebuilds_automatically_before_the_next_call():
     with local_session(model=2):
         comp = Resilient(tag="auto", remote_group="model")
         victim = _pids(comp)[1]
+        before = _calls(comp, 1)
         pending = comp.sleep(30)
-        time.sleep(0.2)
+        _until_received(comp, 1, before)
         os.kill(victim, signal.SIGKILL)
         with pytest.raises(WorkerLostError):
             pending()
