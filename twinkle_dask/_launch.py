@@ -27,11 +27,6 @@ import traceback
 from typing import Any
 
 
-def restart_delay(restarts: int) -> float:
-    """Seconds before a lost worker is started again: longer with each restart, at most 5."""
-    return min(5.0, 0.2 * restarts)
-
-
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m twinkle_dask._launch")
     parser.add_argument("scheduler")
@@ -144,6 +139,7 @@ def zygote(preload: list[str]) -> None:
     import distributed  # noqa: F401  (the point: imported once, before forking)
 
     import twinkle_dask.worker  # noqa: F401
+    from twinkle_dask.cluster import restart_delay
 
     for name in preload:
         try:

@@ -26,7 +26,6 @@ import psutil
 from distributed import Client, Scheduler, SpecCluster
 from distributed.deploy.spec import ProcessInterface
 
-from ._launch import restart_delay
 from .dashboard import TwinkleSchedulerPlugin
 from .exceptions import ConfigurationError
 from .mesh import ResolvedGroup
@@ -62,6 +61,11 @@ class ClusterConnection:
     placements: dict[str, GroupPlacement]
     owns_client: bool
     zygote: Zygote | None = None
+
+
+def restart_delay(restarts: int) -> float:
+    """Seconds before a lost worker is started again: longer with each restart, at most 5."""
+    return min(5.0, 0.2 * restarts)
 
 
 class WorkerProcess(ProcessInterface):

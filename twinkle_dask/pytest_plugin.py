@@ -40,19 +40,15 @@ class _Shared:
 
     @classmethod
     def get(cls, options: dict[str, Any]) -> Any:
-        import twinkle_dask as twinkle
         from twinkle_dask import runtime
+        from twinkle_dask.testing import start_local
 
         key = tuple(sorted((k, repr(v)) for k, v in options.items()))
         session = runtime.process_session()
         if cls.key == key and session is not None and not getattr(session, "closed", True):
             return cls.client
         cls.close()
-        groups = [twinkle.DeviceGroup(name=k, ranks=v, device_type="cpu") for k, v in options.items()
-                  if isinstance(v, int) and not isinstance(v, bool)]
-        kwargs = {k: v for k, v in options.items() if not (isinstance(v, int) and not isinstance(v, bool))}
-        kwargs.setdefault("dashboard_address", None)
-        cls.client = twinkle.initialize("dask", groups=groups, **kwargs)
+        cls.client = start_local(**options)
         cls.key = key
         return cls.client
 

@@ -22,11 +22,28 @@ from .exceptions import NotInitializedError
 from .mesh import DeviceGroup
 from .session import DaskSession, initialize, shutdown
 
-__all__ = ["assert_same", "local_session", "worker_stats"]
+__all__ = ["assert_same", "local_session", "start_local", "worker_stats"]
+
+
+def start_local(*groups: DeviceGroup, **cpu_groups: Any) -> Any:
+    """``initialize('dask', ...)`` on a local cluster, with CPU groups given as ``name=ranks``.
+
+    Keyword arguments that are not ints are passed to ``initialize``; the
+    dashboard is off unless ``dashboard_address`` says otherwise. Returns the
+    ``distributed.Client``.
+    """
+    options: dict[str, Any] = {k: v for k, v in cpu_groups.items() if not isinstance(v, int) or isinstance(v, bool)}
+    all_groups = list(groups) + [
+        DeviceGroup(name=name, ranks=n, device_type="cpu")
+        for name, n in cpu_groups.items()
+        if name not in options
+    ]
+    options.setdefault("dashboard_address", None)
+    return initialize("dask", groups=all_groups, **options)
 
 
 @contextlib.contextmanager
-def local_session(*groups: DeviceGroup, **cpu_groups: int) -> Iterator[Any]:
+def local_session(*groups: DeviceGroup, **cpu_groups: Any) -> Iterator[Any]:
     """Run a local twinkle_dask session for the ``with`` block.
 
     Parameters
@@ -41,14 +58,7 @@ def local_session(*groups: DeviceGroup, **cpu_groups: int) -> Iterator[Any]:
     ------
     distributed.Client
     """
-    options: dict[str, Any] = {k: v for k, v in cpu_groups.items() if not isinstance(v, int) or isinstance(v, bool)}
-    all_groups = list(groups) + [
-        DeviceGroup(name=name, ranks=n, device_type="cpu")
-        for name, n in cpu_groups.items()
-        if name not in options
-    ]
-    options.setdefault("dashboard_address", None)
-    client = initialize("dask", groups=all_groups, **options)
+    client = start_local(*groups, **cpu_groups)
     try:
         yield client
     finally:
