@@ -268,3 +268,38 @@ class Talker:
         print("to stderr", file=sys.stderr)
         twinkle.report(step=step, loss=1.0 / (step + 1))
         return step
+
+
+@remote_class()
+class Rendezvous:
+    """Joins torch.distributed in ``__init__`` (gloo, env://); rank ``die_rank`` dies before joining."""
+
+    def __init__(self, die_rank: int | None = None):
+        import datetime
+
+        import torch.distributed as dist
+
+        if twinkle.get_rank() == die_rank:
+            os._exit(1)  # the worker process dies while the other ranks wait in the rendezvous
+        dist.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(minutes=30))
+
+    @remote_function(dispatch="all")
+    def all_reduce(self, value: float):
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([value])
+        dist.all_reduce(t)
+        return float(t.item())
+
+
+@remote_class()
+class SlowInit:
+    """An ``__init__`` that takes ``delay`` seconds."""
+
+    def __init__(self, delay: float):
+        time.sleep(delay)
+
+    @remote_function(dispatch="all")
+    def pid(self):
+        return os.getpid()

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 
+import dask
 import pytest
-from components import Echo, Resilient
+from components import Echo, Rendezvous, Resilient, SlowInit
 
 import twinkle_dask as twinkle
-from twinkle_dask.exceptions import WorkerLostError
+from twinkle_dask import close_component
+from twinkle_dask.exceptions import CallTimeoutError, ConfigurationError, WorkerLostError
 from twinkle_dask.testing import local_session, worker_stats
 
 pytestmark = pytest.mark.timeout(120)
@@ -109,3 +114,191 @@ def test_shutdown_completes_with_a_hung_worker():
         os.kill(victim, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+# --------------------------------------------------------------------------- replacements, hung workers
+def _workers_by_name(client) -> dict[str, str]:
+    return client.run_on_scheduler(lambda dask_scheduler: {str(w.name): a for a, w in dask_scheduler.workers.items()})
+
+
+def _until_replaced(client, name: str, old_address: str) -> str:
+    """Wait until a worker named ``name`` joined at an address other than ``old_address``."""
+    deadline = time.monotonic() + 30
+    while True:
+        address = _workers_by_name(client).get(name)
+        if address is not None and address != old_address:
+            return address
+        assert time.monotonic() < deadline, f"worker {name} was not started again"
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.parametrize("before", ["no component", "closed component", "component that saw the loss"])
+def test_new_components_work_on_a_replaced_worker(before):
+    with local_session(model=2) as client:
+        old = _workers_by_name(client)
+        pids = client.run(os.getpid)
+        echo = None
+        if before != "no component":
+            echo = Echo(remote_group="model")
+            assert echo.count() == 2
+            if before == "closed component":
+                close_component(echo)
+        os.kill(pids[old["model-1"]], signal.SIGKILL)
+        if before == "component that saw the loss":
+            with pytest.raises(WorkerLostError):
+                echo.count()
+        new_address = _until_replaced(client, "model-1", old["model-1"])
+        fresh = Echo(tag="fresh", remote_group="model")  # no restart() anywhere
+        ids = fresh.identity()()
+        assert [i["tag"] for i in ids] == ["fresh", "fresh"]
+        assert ids[1]["pid"] != pids[old["model-1"]] and ids[0]["pid"] == pids[old["model-0"]]
+        assert fresh._twinkle_ref.addresses == (old["model-0"], new_address)
+        assert fresh.count() == 2
+
+
+def test_worker_death_during_a_rendezvous_fails_every_rank_fast_and_the_group_recovers():
+    with local_session(model=2) as client:
+        survivor = client.run(os.getpid)[_workers_by_name(client)["model-0"]]
+        start = time.monotonic()
+        with pytest.raises(WorkerLostError) as info:
+            Rendezvous(die_rank=1, remote_group="model")  # rank 0 sits in init_process_group
+        elapsed = time.monotonic() - start
+        assert elapsed < 10, f"took {elapsed:.1f} s"
+        assert (info.value.group, info.value.rank, info.value.component) == ("model", 1, "Rendezvous.__init__")
+        # rank 0's worker, stuck in the rendezvous, was restarted: a new process under the same name
+        assert survivor not in client.run(os.getpid).values()
+        again = Rendezvous(remote_group="model")  # both ranks are fresh processes: the rendezvous completes
+        assert again.all_reduce(1.5)() == [3.0, 3.0]
+
+
+def test_a_stopped_worker_fails_a_waiting_call_within_the_configured_bound():
+    with local_session(model=2, other=1), dask.config.set({"twinkle-dask.worker-unresponsive-timeout": "3s"}):
+        echo = Echo(remote_group="model")
+        other = Echo(remote_group="other")
+        victim = _pids(echo)[1]
+        try:
+            running = echo.sleep(0.5)
+            os.kill(victim, signal.SIGSTOP)
+            start = time.monotonic()
+            with pytest.raises(WorkerLostError) as info:
+                running()  # no timeout= given
+            elapsed = time.monotonic() - start
+            assert 2.5 < elapsed < 6, f"took {elapsed:.1f} s"
+            err = info.value
+            assert (err.group, err.rank, err.component) == ("model", 1, "Echo.sleep")
+            assert "did not answer for 3 s" in str(err)
+            assert other.count() == 1  # other groups carry on
+        finally:
+            _kill_quietly(victim)
+
+
+def test_a_stopped_worker_fails_a_construction_within_the_configured_bound():
+    with local_session(model=2) as client, dask.config.set({"twinkle-dask.worker-unresponsive-timeout": "3s"}):
+        names = _workers_by_name(client)
+        victim = client.run(os.getpid)[names["model-1"]]
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(WorkerLostError) as info:
+                Echo(remote_group="model")
+            elapsed = time.monotonic() - start
+            assert 2.5 < elapsed < 8, f"took {elapsed:.1f} s"
+            err = info.value
+            assert (err.group, err.rank, err.component) == ("model", 1, "Echo.__init__")
+            assert "did not answer for 3 s" in str(err)
+        finally:
+            _kill_quietly(victim)
+        _until_replaced(client, "model-1", names["model-1"])
+        assert Echo(remote_group="model").count() == 2
+
+
+async def _remove_worker(dask_scheduler, address):
+    await dask_scheduler.remove_worker(address, stimulus_id="test", close=False)
+
+
+def test_the_scheduler_removing_a_worker_fails_its_waiting_calls_at_once():
+    with local_session(model=2) as client, dask.config.set({"twinkle-dask.worker-unresponsive-timeout": "60s"}):
+        echo = Echo(remote_group="model")
+        address = echo._twinkle_ref.addresses[1]
+        victim = _pids(echo)[1]
+        try:
+            before = _calls(echo, 1)
+            running = echo.sleep(30)
+            _until_received(echo, 1, before)
+            os.kill(victim, signal.SIGSTOP)  # hung: only the scheduler's word can end the wait
+            start = time.monotonic()
+            client.run_on_scheduler(_remove_worker, address=address)
+            with pytest.raises(WorkerLostError, match="the scheduler removed the worker") as info:
+                running()
+            assert time.monotonic() - start < 3
+            assert (info.value.group, info.value.rank) == ("model", 1)
+        finally:
+            _kill_quietly(victim)
+
+
+def test_constructor_timeout_names_the_ranks_and_frees_the_workers():
+    with local_session(model=2) as client:
+        pids = set(client.run(os.getpid).values())
+        start = time.monotonic()
+        with pytest.raises(CallTimeoutError) as info:
+            SlowInit(600, remote_group="model", timeout=2)
+        assert time.monotonic() - start < 15
+        err = info.value
+        assert (err.component, err.method, err.pending_ranks, err.timeout) == ("SlowInit", "__init__", (0, 1), 2.0)
+        quick = SlowInit(0, remote_group="model", timeout=30)  # timeout never reaches __init__
+        assert set(quick.pid()()).isdisjoint(pids)  # the stuck workers were restarted
+
+
+@pytest.mark.parametrize("bad", [0, -1, "soon", True])
+def test_constructor_timeout_is_validated(bad):
+    with local_session(model=1):
+        with pytest.raises(ConfigurationError, match=rf"timeout={bad!r}"):
+            Echo(remote_group="model", timeout=bad)
+
+
+def test_unresponsive_timeout_is_validated():
+    with local_session(model=1), dask.config.set({"twinkle-dask.worker-unresponsive-timeout": "forever"}):
+        with pytest.raises(ConfigurationError, match="worker-unresponsive-timeout"):
+            Echo(remote_group="model")
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+_DRIVER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from components import Echo
+from twinkle_dask.testing import local_session
+
+with local_session(model=2):
+    echo = Echo(tag="kept", remote_group="model")
+    print("ready", flush=True)
+    try:
+        echo.sleep(60)()
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    print("count", echo.count(), flush=True)
+    print("tags", ",".join(i["tag"] for i in echo.identity()()), flush=True)
+"""
+
+
+def test_ctrl_c_reaches_the_driver_only():
+    script = _DRIVER.format(tests=os.path.dirname(__file__))
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)  # the driver is now inside its wait for echo.sleep(60)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C: the whole process group
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert out.split("\n")[:3] == ["interrupted", "count 2", "tags kept,kept"], err
+    assert proc.returncode == 0, err

@@ -10,6 +10,7 @@ Port Twinkle code by changing the import and the mode::
 
 from __future__ import annotations
 
+from . import _config  # noqa: F401  (registers the twinkle-dask defaults with dask.config)
 from .collect import register_collect
 from .decorators import remote_class, remote_function
 from .dispatch import register_dispatch
@@ -24,6 +25,7 @@ from .exceptions import (
     SerializationError,
     TwinkleDaskError,
     WorkerLostError,
+    WorkerRestartError,
 )
 from .futures import LazyResult
 from .group import close_component, restart_component
@@ -51,6 +53,7 @@ __all__ = [
     "SerializationError",
     "TwinkleDaskError",
     "WorkerLostError",
+    "WorkerRestartError",
     "close_component",
     "dispatch_picture",
     "get_device_placement",

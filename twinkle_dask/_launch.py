@@ -35,6 +35,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resources", default="{}")
     parser.add_argument("--parent", type=int, default=0)
     parser.add_argument("--death-timeout", type=float, default=60.0)
+    parser.add_argument("--memory-limit", type=int, default=0, help="bytes (0: no limit)")
     parser.add_argument("--cuda", action="store_true", help="one dask-cuda worker per visible GPU")
     return parser.parse_args(argv)
 
@@ -50,7 +51,7 @@ def _make_worker(args: argparse.Namespace) -> Any:
             host=args.host,
             nthreads=1,
             resources=" ".join(f"{k}={v}" for k, v in resources.items()),
-            memory_limit=0,
+            memory_limit=args.memory_limit,  # bytes; 0 switches the limit off
             preload=["twinkle_dask.worker"],
             dashboard=False,
             death_timeout=args.death_timeout,
@@ -63,7 +64,7 @@ def _make_worker(args: argparse.Namespace) -> Any:
         host=args.host,
         nthreads=1,
         resources=resources,
-        memory_limit=0,
+        memory_limit=args.memory_limit,  # bytes; 0 switches the limit off
         preload=["twinkle_dask.worker"],
         dashboard=False,
         death_timeout=args.death_timeout,

@@ -83,6 +83,21 @@ class Caller:
         """Drop the channel to ``address`` so the next request connects anew (loop thread only)."""
         self._channels.pop(address, None)
 
+    def lose(self, address: str, reason: str) -> None:
+        """Declare the worker at ``address`` lost (loop thread only).
+
+        Requests waiting on it fail now with :class:`WorkerLostError`, and
+        later ones fail at once until a worker joins under that address again
+        (:meth:`joined`).
+        """
+        self.channel(address).lose(reason)
+
+    def joined(self, address: str) -> None:
+        """A worker (re)joined the cluster at ``address``: a lost channel there is forgotten (loop thread)."""
+        ch = self._channels.get(address)
+        if ch is not None and ch.lost is not None:
+            del self._channels[address]
+
     def forget_threadsafe(self, address: str) -> None:
         self.post(lambda: self.forget(address))
 
@@ -90,6 +105,11 @@ class Caller:
         """Whether the channel to ``address`` broke (read from any thread)."""
         ch = self._channels.get(address)
         return ch is not None and ch.lost is not None
+
+    def lost_reason(self, address: str) -> BaseException | None:
+        """Why the channel to ``address`` was lost, or None (read from any thread)."""
+        ch = self._channels.get(address)
+        return None if ch is None else ch.lost
 
     def request(self, address: str, msg: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
         """Send a request from the loop thread."""

@@ -29,14 +29,16 @@ import pickle
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from distributed.comm.addressing import get_address_host
 
+from ._config import seconds
 from ._serde import Blob, dumps_blob
-from .exceptions import SerializationError, WorkerLostError
+from .exceptions import ConfigurationError, SerializationError, WorkerLostError
 
 __all__ = ["Blob", "Channel", "LoopInbox", "ServerEnd", "pack", "serve", "unpack"]
 
@@ -118,6 +120,8 @@ class _Framed(asyncio.BufferedProtocol):
         self._big_have = 0
         self._out: collections.deque[memoryview] = collections.deque()
         self._paused = False
+        #: ``time.monotonic()`` when the peer last showed it is alive (sent bytes, or took ours).
+        self.heard = time.monotonic()
 
     # -- connection
     def connection_made(self, transport: Any) -> None:
@@ -156,6 +160,7 @@ class _Framed(asyncio.BufferedProtocol):
         return memoryview(self._stage)[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.heard = time.monotonic()
         if self._big is not None:
             self._big_have += nbytes
             if self._big_have < len(self._big):
@@ -253,6 +258,7 @@ class _Framed(asyncio.BufferedProtocol):
         self._paused = True
 
     def resume_writing(self) -> None:
+        self.heard = time.monotonic()  # the peer is reading what we send
         self._paused = False
         self._pump()
 
@@ -294,6 +300,12 @@ class Channel:
     with the worker's reply; if the connection fails, every pending request
     fails with :class:`WorkerLostError` and the channel stays lost (requests
     to a dead worker fail at once).
+
+    While requests are outstanding the channel watches the worker: when it
+    has sent nothing for a while, a ``ping`` goes out (answered on the
+    worker's event loop, whatever its components are doing), and a worker
+    silent for ``twinkle-dask.worker-unresponsive-timeout`` (dask config, read
+    when the watch starts) is declared lost. An idle channel sends nothing.
     """
 
     def __init__(self, address: str, connection_args: dict[str, Any], timeout: float = 10.0,
@@ -308,6 +320,11 @@ class Channel:
         self._writer = _Writer()
         self._task: asyncio.Task[None] | None = None
         self._proto: _Framed | None = None
+        self._watch: asyncio.TimerHandle | None = None
+        self._limit = 0.0  # seconds of silence that make the worker lost (0: not watched)
+        self._since = 0.0  # when the current watch started (monotonic)
+        self._due = 0.0  # when the next check was due (monotonic)
+        self._ping: int | None = None  # id of the ping in flight
 
     def _ensure_started(self) -> None:
         if self._task is None:
@@ -358,6 +375,9 @@ class Channel:
     def _fail(self, exc: BaseException) -> None:
         if self.lost is None:
             self.lost = exc
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         self._writer.proto = None
         pending, self._pending = self._pending, {}
         for fut in pending.values():
@@ -370,12 +390,72 @@ class Channel:
         if self.lost is not None:
             fut.set_exception(self.lost)
             return fut
+        if self._watch is None:
+            try:
+                self._limit = seconds("worker-unresponsive-timeout")  # read when a watch starts
+            except ConfigurationError as exc:
+                fut.set_exception(exc)
+                return fut
         i = next(self._ids)
         msg["i"] = i
         self._pending[i] = fut
         self._ensure_started()
         self._writer.push(msg)
+        if self._watch is None:
+            self._start_watch()
         return fut
+
+    def lose(self, reason: str) -> None:
+        """Declare the worker lost: fail every pending request and close the connection."""
+        self._fail(WorkerLostError(self.address, reason=reason))
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.abort()
+
+    # -- liveness
+    def _start_watch(self) -> None:
+        if self._limit <= 0 or self.lost is not None:
+            return
+        self._since = time.monotonic()
+        self._schedule_check()
+
+    def _schedule_check(self) -> None:
+        step = min(1.0, self._limit / 4)
+        self._due = time.monotonic() + step
+        self._watch = asyncio.get_running_loop().call_later(step, self._check)
+
+    def _check(self) -> None:
+        self._watch = None
+        if self.lost is not None or not any(i != self._ping for i in self._pending):
+            return  # idle (a ping alone does not keep the watch going)
+        now = time.monotonic()
+        step = min(1.0, self._limit / 4)
+        if now - self._due > step:
+            # This process's own loop was held up: the silence is not the worker's doing.
+            self._since = now
+        heard = max(self._since, self._proto.heard if self._proto is not None else 0.0)
+        silent = now - heard
+        if silent >= self._limit:
+            logger.warning("twinkle: worker %s did not answer for %.1f s; declaring it lost", self.address, silent)
+            self.lose(f"did not answer for {self._limit:g} s")
+            return
+        if silent >= step and self._ping is None:
+            self._send_ping()
+        self._schedule_check()
+
+    def _send_ping(self) -> None:
+        i = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[i] = fut
+        self._ping = i
+
+        def done(f: asyncio.Future[dict[str, Any]]) -> None:
+            if self._ping == i:
+                self._ping = None
+            if not f.cancelled():
+                f.exception()  # a lost channel fails the ping too: nobody waits on it
+
+        fut.add_done_callback(done)
+        self._writer.push({"t": "ping", "i": i})
 
     def send(self, msg: dict[str, Any]) -> None:
         """Send ``msg`` without waiting for a reply."""

@@ -22,9 +22,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import dask.config
 import psutil
 from distributed import Client, Scheduler, SpecCluster
 from distributed.deploy.spec import ProcessInterface
+from distributed.worker_memory import parse_memory_limit
 
 from .dashboard import TwinkleSchedulerPlugin
 from .exceptions import ConfigurationError
@@ -35,6 +37,7 @@ from .worker import TwinklePlugin
 __all__ = [
     "ClusterConnection",
     "connect_cluster",
+    "resolve_memory_limit",
     "resource_name",
     "start_local_cluster",
     "stop_local_cluster",
@@ -76,8 +79,9 @@ class WorkerProcess(ProcessInterface):
     """
 
     def __init__(self, scheduler: str, name: str, resources: dict[str, float], env: dict[str, str],
-                 host: str = "127.0.0.1", cuda: bool = False) -> None:
+                 host: str = "127.0.0.1", cuda: bool = False, memory_limit: int = 0) -> None:
         self.scheduler = scheduler
+        self.memory_limit = memory_limit
         self.worker_name = name
         self.cuda = cuda
         self.resources = resources
@@ -91,10 +95,14 @@ class WorkerProcess(ProcessInterface):
 
     async def _spawn(self) -> None:
         cmd = [sys.executable, "-m", "twinkle_dask._launch", self.scheduler, "--name", self.worker_name,
-               "--host", self.host, "--resources", json.dumps(self.resources), "--parent", str(os.getpid())]
+               "--host", self.host, "--resources", json.dumps(self.resources), "--parent", str(os.getpid()),
+               "--memory-limit", str(self.memory_limit)]
         if self.cuda:
             cmd.append("--cuda")
-        self.process = await asyncio.create_subprocess_exec(*cmd, env=self.env, stdin=asyncio.subprocess.DEVNULL)
+        # Its own session: Ctrl-C in the driver's terminal reaches the driver only (the worker exits
+        # when the driver does: it watches its parent).
+        self.process = await asyncio.create_subprocess_exec(*cmd, env=self.env, stdin=asyncio.subprocess.DEVNULL,
+                                                            start_new_session=True)
 
     async def start(self) -> None:
         await self._spawn()
@@ -154,13 +162,16 @@ class WorkerProcess(ProcessInterface):
 class Zygote:
     """The driver's end of ``python -m twinkle_dask._launch --zygote``: forks CPU workers on request."""
 
-    def __init__(self) -> None:
+    def __init__(self, memory_limit: int = 0) -> None:
         self.process: asyncio.subprocess.Process | None = None
+        self.memory_limit = memory_limit
 
     async def start(self, env: dict[str, str], preload: Sequence[str]) -> None:
+        # Its own session, so Ctrl-C in the driver's terminal does not reach it or its workers; it
+        # exits when the driver goes away (its stdin closes), and its workers when it does.
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "twinkle_dask._launch", "--zygote", ",".join(preload),
-            stdin=asyncio.subprocess.PIPE, env=env,
+            stdin=asyncio.subprocess.PIPE, env=env, start_new_session=True,
         )
 
     async def spawn(self, scheduler: str, workers: Sequence[tuple[str, dict[str, float], dict[str, str]]],
@@ -168,7 +179,8 @@ class Zygote:
         """Fork one worker per (name, resources, env)."""
         assert self.process is not None and self.process.stdin is not None
         for name, resources, env in workers:
-            argv = [scheduler, "--name", name, "--host", host, "--resources", json.dumps(resources)]
+            argv = [scheduler, "--name", name, "--host", host, "--resources", json.dumps(resources),
+                    "--memory-limit", str(self.memory_limit)]
             line = json.dumps({"op": "spawn", "name": name, "argv": argv, "env": env})
             self.process.stdin.write(line.encode() + b"\n")
         await self.process.stdin.drain()
@@ -202,9 +214,11 @@ def _worker_env(group: ResolvedGroup, index: int) -> dict[str, str]:
     env["TWINKLE_GROUP"] = group.name
     env["TWINKLE_GROUP_INDEX"] = str(index)
     env.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-    # As Dask's nanny does: one worker process per rank should not spawn a thread per core.
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env.setdefault(var, "1")
+    # As Dask's nanny does before it starts a worker: MALLOC_TRIM_THRESHOLD_ (glibc reads it when the
+    # process starts, so freed memory goes back to the system) and one thread per BLAS/OpenMP pool.
+    # Forked workers inherit it from the zygote, which starts with this environment.
+    for var, value in (dask.config.get("distributed.nanny.pre-spawn-environ") or {}).items():
+        env[str(var)] = str(value)
     env["DASK_DISTRIBUTED__WORKER__DAEMON"] = "False"
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
@@ -292,12 +306,43 @@ def _gpu_worker_specs(group: ResolvedGroup, simulate: bool) -> dict[str, Any]:
     return specs
 
 
+def resolve_memory_limit(value: Any) -> int:
+    """Bytes of memory each local worker may use (0: no limit), from what Dask's ``memory_limit`` accepts.
+
+    ``'auto'`` (Dask's default: the machine's memory, or the cgroup's, shared
+    by the cores), bytes as an int or a string (``'4GiB'``), a fraction of
+    the machine's memory (``0.5``), or ``None``/``0`` for no limit.
+
+    Raises
+    ------
+    ConfigurationError
+        For anything else.
+    """
+    if value is None:
+        return 0
+    bad = isinstance(value, bool) or not isinstance(value, (int, float, str)) or (
+        isinstance(value, (int, float)) and value < 0)
+    parsed: int | None = None
+    if not bad:
+        try:
+            parsed = parse_memory_limit(value, nthreads=1, logger=logger)
+        except (TypeError, ValueError):
+            bad = True
+    if bad:
+        raise ConfigurationError(
+            f"memory_limit={value!r} is not a memory size; give 'auto' (Dask's default), bytes (4294967296 "
+            f"or '4GiB'), a fraction of the machine's memory (0.5), or None/0 for no limit"
+        )
+    return parsed or 0
+
+
 def start_local_cluster(
     groups: Sequence[ResolvedGroup],
     *,
     dashboard_address: str | None = "127.0.0.1:8787",
     simulate_gpus: bool = False,
     start_timeout: float = 120.0,
+    memory_limit: int = 0,
 ) -> ClusterConnection:
     """Start a scheduler in this process and one worker subprocess per group rank.
 
@@ -338,13 +383,14 @@ def start_local_cluster(
         }
         for name, spec in specs.items():
             if spec["options"].get("cuda"):
+                spec["options"]["memory_limit"] = memory_limit
                 workers[name] = spec
             else:
                 forked.append((name, spec["options"]["resources"], spec["options"]["env"]))
     total = sum(g.num_workers for g in groups)
     cluster = SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING,
                           name="twinkle-dask", asynchronous=False)
-    zygote = Zygote()
+    zygote = Zygote(memory_limit)
     try:
         if forked:
             common = {k: v for k, v in forked[0][2].items() if all(env.get(k) == v for _, _, env in forked)}

@@ -45,6 +45,8 @@ def _install_construction_hooks(cls: type[Any]) -> None:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         group = kwargs.pop("remote_group", None)
         kwargs.pop("instance_id", None)
+        if group is not None:
+            kwargs.pop("timeout", None)  # the construction's own bound, as for remote builds
         session = runtime.current()
         if session is not None:
             args, kwargs, _ = prepare_init_arguments(type(self), args, kwargs, session.global_mesh)

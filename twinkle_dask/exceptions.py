@@ -13,6 +13,7 @@ ValueError`` keeps working when porting code::
     ├── SerializationError (TypeError)       an argument or result that cannot travel
     ├── CallTimeoutError (TimeoutError)      a call's ``timeout`` expired
     ├── WorkerLostError (RuntimeError)       a worker died or cannot be reached
+    ├── WorkerRestartError (RuntimeError)    a worker could not be restarted
     ├── ComponentClosedError (RuntimeError)  a call on a closed component
     └── RemoteError (RuntimeError)           a remote exception whose type
                                              cannot be rebuilt in the driver
@@ -37,6 +38,7 @@ __all__ = [
     "SerializationError",
     "TwinkleDaskError",
     "WorkerLostError",
+    "WorkerRestartError",
 ]
 
 
@@ -135,6 +137,26 @@ class WorkerLostError(TwinkleDaskError, RuntimeError):
             f"{what} failed: the worker at {self.address} was lost{tail}. Calls on this component "
             f"fail until it is rebuilt on a live worker."
         )
+
+
+class WorkerRestartError(TwinkleDaskError, RuntimeError):
+    """Worker processes could not be restarted, or their replacements did not join.
+
+    Attributes
+    ----------
+    addresses : tuple of str
+        The workers concerned.
+    reason : str
+        Why.
+    """
+
+    def __init__(self, addresses: Sequence[str], reason: str) -> None:
+        self.addresses = tuple(addresses)
+        self.reason = reason
+        super().__init__(self.addresses, reason)
+
+    def __str__(self) -> str:
+        return f"could not restart worker(s) {list(self.addresses)}: {self.reason}"
 
 
 class ComponentClosedError(TwinkleDaskError, RuntimeError):

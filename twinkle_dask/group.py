@@ -14,6 +14,7 @@ import concurrent.futures
 import html
 import inspect
 import logging
+import time
 import types
 import uuid
 import weakref
@@ -22,10 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import progress, runtime
+from ._config import seconds
 from ._errors import decode_error
 from .call import CallTarget, caller_site, invoke, prepare_inputs
 from .channel import pack
 from .exceptions import (
+    CallTimeoutError,
     ComponentClosedError,
     ConfigurationError,
     NotRemoteMethodError,
@@ -87,14 +90,15 @@ def peer_slice(target_size: int, rank: int, world_size: int) -> slice:
 
 
 # --------------------------------------------------------------------------- creation
-def _wait_all(futures: list[concurrent.futures.Future[dict[str, Any]]]) -> list[Any]:
-    out: list[Any] = []
-    for fut in futures:
-        try:
-            out.append(fut.result())
-        except Exception as exc:
-            out.append(exc)
-    return out
+def _timeout_arg(klass: type, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigurationError(
+            f"{klass.__name__}(..., timeout={value!r}): timeout is the seconds the construction may take "
+            f"on every rank; give a positive number, or None to wait as long as the workers answer"
+        )
+    return float(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +113,7 @@ class BuildPlan:
     payload: Any
     has_lazy: bool
     max_restarts: int
+    timeout: float | None = None
 
     @property
     def label(self) -> str:
@@ -119,6 +124,7 @@ def _plan(session: Any, klass: type, args: tuple[Any, ...], kwargs: dict[str, An
     kwargs = dict(kwargs)
     group = kwargs.pop("remote_group")
     kwargs.pop("instance_id", None)
+    timeout = _timeout_arg(klass, kwargs.pop("timeout", None))
     cspec = class_spec(klass) or ClassSpec()
     place = session.placement(group)
     n_workers = len(place.addresses)
@@ -146,23 +152,39 @@ def _plan(session: Any, klass: type, args: tuple[Any, ...], kwargs: dict[str, An
     handle_class(klass)  # reject methods that clash with the handle before building anything
     args, kwargs, held = prepare_inputs(args, kwargs)
     payload = pack((klass, args, kwargs, session.session_info()), f"the constructor arguments of {klass.__name__}")
-    plan = BuildPlan(klass, group, cspec.execute, tuple(picked), mesh, payload, bool(held), cspec.max_restarts)
+    plan = BuildPlan(klass, group, cspec.execute, tuple(picked), mesh, payload, bool(held), cspec.max_restarts,
+                     timeout)
     return plan, held
 
 
 def _build(session: Any, plan: BuildPlan, site: str | None) -> ComponentRef:
-    """Build the plan's instances on the group's current workers; raise the first rank's failure."""
-    place = session.placement(plan.group)
+    """Build the plan's instances on the group's current workers.
+
+    Fails as soon as one rank fails or its worker is lost (the lowest failed
+    rank's error when several are known), or when ``plan.timeout`` passes;
+    the other ranks are then torn down (:func:`_teardown`).
+    """
+    deadline = None if plan.timeout is None else time.monotonic() + plan.timeout
+    live = getattr(session, "live_placement", None)
+    if live is not None:  # the driver: workers started again since are found by name
+        limit = None if deadline is None else max(0.0, deadline - time.monotonic())
+        place = live(plan.group, limit)
+    else:
+        place = session.placement(plan.group)
     label, group, n = plan.label, plan.group, len(plan.indices)
     cid = f"{group}-{label}-{uuid.uuid4().hex[:10]}"
     addresses = tuple(place.addresses[i] for i in plan.indices)
     hosts = [place.hosts[i] for i in plan.indices]
     caller = session.caller
+    wait = PORT_TIMEOUT if deadline is None else max(0.0, min(PORT_TIMEOUT, deadline - time.monotonic()))
     try:
-        port_reply = caller.request_threadsafe(addresses[0], {"t": "port"}).result(PORT_TIMEOUT)
+        port_reply = caller.request_threadsafe(addresses[0], {"t": "port"}).result(wait)
     except concurrent.futures.TimeoutError:
         raise WorkerLostError(addresses[0], group=group, rank=0, component=f"{label}.__init__",
-                              reason=f"no answer within {PORT_TIMEOUT:g} s") from None
+                              reason=f"no answer within {wait:g} s") from None
+    except WorkerLostError as exc:
+        raise WorkerLostError(exc.address, group=group, rank=0, component=f"{label}.__init__",
+                              reason=exc.reason) from None
     master_addr, master_port = hosts[0], int(port_reply["port"])
     futures = []
     for rank, address in enumerate(addresses):
@@ -175,24 +197,112 @@ def _build(session: Any, plan: BuildPlan, site: str | None) -> ComponentRef:
         msg = {"t": "new", "c": cid, "p": plan.payload, "id": list(_identity_wire(ident)), "lbl": label,
                "lz": plan.has_lazy}
         futures.append(caller.request_threadsafe(address, msg))
-    replies = _wait_all(futures)
+    errors = _first_failures(futures, deadline, label, group, addresses, site)
     ref = ComponentRef(cid, plan.klass, group, plan.execute, tuple(range(n)), addresses, plan.mesh,
                        getattr(session, "session_id", ""))
-    for rank, reply in enumerate(replies):
-        if isinstance(reply, BaseException):
-            exc: BaseException = reply
-            if isinstance(reply, WorkerLostError):
-                exc = WorkerLostError(reply.address, group=group, rank=rank, component=f"{label}.__init__",
-                                      reason=reply.reason)
-        elif not reply.get("ok"):
-            exc = decode_error(reply, f"raised by {label}.__init__ on rank {rank} of group {group!r} "
-                               f"({addresses[rank]})", f"called from {site}" if site else "")
-        else:
-            continue
-        _send_close(caller, ref)
-        raise exc
+    pending = [rank for rank, fut in enumerate(futures) if not fut.done()]
+    if errors or pending:
+        _teardown(session, ref, futures, errors)
+        if errors:
+            raise errors[min(errors)]
+        assert plan.timeout is not None
+        raise _add_note(CallTimeoutError(label, "__init__", plan.timeout, pending),
+                        f"{label} was not built: every rank was closed again (ranks still in __init__ had "
+                        f"their worker restarted); pass a larger timeout= to the constructor if "
+                        f"__init__ needs longer")
     logger.info("built %s on group %r ranks %s", label, group, list(plan.indices))
     return ref
+
+
+def _add_note(exc: BaseException, note: str) -> BaseException:
+    exc.add_note(note)
+    return exc
+
+
+def _rank_error(fut: concurrent.futures.Future[dict[str, Any]], rank: int, label: str, group: str,
+                address: str, site: str | None) -> BaseException | None:
+    """The error of a finished construction request on ``rank``, or None if the rank was built."""
+    try:
+        reply = fut.result()
+    except WorkerLostError as exc:
+        return WorkerLostError(exc.address, group=group, rank=rank, component=f"{label}.__init__",
+                               reason=exc.reason)
+    except Exception as exc:
+        return exc
+    if reply.get("ok"):
+        return None
+    return decode_error(reply, f"raised by {label}.__init__ on rank {rank} of group {group!r} ({address})",
+                        f"called from {site}" if site else "")
+
+
+def _first_failures(futures: list[concurrent.futures.Future[dict[str, Any]]], deadline: float | None,
+                    label: str, group: str, addresses: tuple[str, ...], site: str | None) -> dict[int, BaseException]:
+    """Wait for every rank's construction; stop at the first failure or at ``deadline``.
+
+    Returns the errors known by then, by rank (several can arrive together).
+    """
+    rank_of = {fut: rank for rank, fut in enumerate(futures)}
+    pending = set(futures)
+    errors: dict[int, BaseException] = {}
+    while pending and not errors:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            break
+        done, pending = concurrent.futures.wait(pending, remaining, concurrent.futures.FIRST_COMPLETED)
+        for fut in done:
+            rank = rank_of[fut]
+            error = _rank_error(fut, rank, label, group, addresses[rank], site)
+            if error is not None:
+                errors[rank] = error
+    return errors
+
+
+def _teardown(session: Any, ref: ComponentRef, futures: list[concurrent.futures.Future[dict[str, Any]]],
+              errors: dict[int, BaseException]) -> None:
+    """Drop a failed construction's instances; restart the workers of ranks still inside ``__init__``.
+
+    A rank's thread stuck in user code (a ``torch.distributed`` rendezvous
+    waiting for a rank that died) cannot be interrupted: when its worker says
+    the construction is still running and it has not finished within
+    ``twinkle-dask.teardown-grace``, or the worker does not confirm the close
+    at all, its worker process is restarted (driver only).
+    """
+    caller = session.caller
+    lost = {r for r, e in errors.items() if isinstance(e, WorkerLostError)}
+    closes = {r: caller.request_threadsafe(a, {"t": "close", "c": ref.cid})
+              for r, a in enumerate(ref.addresses) if r not in lost}
+    grace = seconds("teardown-grace")
+    deadline = time.monotonic() + grace
+    concurrent.futures.wait(list(closes.values()), grace)
+    busy = []
+    for rank, close in closes.items():
+        confirmed = close.done() and close.exception() is None
+        if confirmed and not close.result().get("running") and futures[rank].done():
+            continue
+        if close.done() and isinstance(close.exception(), WorkerLostError):
+            continue  # its worker is gone anyway
+        # Still inside __init__: give it what is left of the grace to finish on its own.
+        try:
+            futures[rank].result(max(0.0, deadline - time.monotonic()))
+            if confirmed:
+                continue
+        except Exception:
+            pass
+        busy.append(ref.addresses[rank])
+    if not busy:
+        return
+    restart = getattr(session, "restart_workers", None)
+    if restart is None:
+        logger.warning("twinkle_dask: %s ranks on %s are still inside __init__ and cannot be stopped from "
+                       "a worker; their workers stay busy until __init__ returns", ref.label, busy)
+        return
+    try:
+        restart(busy)
+    except Exception as exc:
+        logger.warning("twinkle_dask: could not restart the workers %s still running %s.__init__: %s",
+                       busy, ref.label, exc)
+        for error in errors.values():
+            error.add_note(f"the workers {busy} still running {ref.label}.__init__ could not be restarted: {exc}")
 
 
 def create_component(session: Any, klass: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

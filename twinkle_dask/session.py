@@ -5,21 +5,32 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+import psutil
 
 from . import identity as _identity
 from . import runtime
+from ._config import seconds
 from ._seed import seed_everything
 from .caller import Caller
-from .cluster import ClusterConnection, connect_cluster, start_local_cluster, stop_local_cluster
-from .exceptions import ConfigurationError
+from .cluster import (
+    ClusterConnection,
+    connect_cluster,
+    resolve_memory_limit,
+    start_local_cluster,
+    stop_local_cluster,
+)
+from .exceptions import ConfigurationError, WorkerLostError, WorkerRestartError
 from .group import BuildPlan, ComponentRef, create_component
 from .mesh import DeviceGroup, DeviceMesh, resolve_groups
 from .reporting import MetricsLog, show_output
@@ -85,6 +96,11 @@ class DaskSession:
         self._notifier = notifier
         self._notify_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.notify = self._notify if notifier is not None else None
+        # What the scheduler says about workers joining and leaving (its "all" event topic).
+        self._joins: dict[str, int] = {}  # add-worker events seen, by address
+        self._cluster_changed = threading.Condition()
+        self._previous_handler = getattr(self.client, "_event_handlers", {}).get("all")
+        self.client.subscribe_topic("all", self._on_cluster_event)
 
     # ------------------------------------------------------------------ Session protocol
     @property
@@ -151,27 +167,155 @@ class DaskSession:
 
     def refresh_placement(self, group: str, timeout: float) -> None:
         """Wait until every worker of ``group`` is alive again, and use their current addresses."""
+        self.live_placement(group, timeout)
+
+    # ------------------------------------------------------------------ workers joining and leaving
+    def _on_cluster_event(self, event: tuple[float, Any]) -> Any:
+        """Scheduler event (client loop): a worker was removed or (re)joined."""
+        msg = event[1]
+        if isinstance(msg, dict):
+            action, address = msg.get("action"), msg.get("worker")
+            if action == "remove-worker" and isinstance(address, str):
+                # Calls waiting on it fail now, not when some socket timeout expires.
+                self._caller.lose(address, "the scheduler removed the worker")
+                self._changed()
+            elif action == "add-worker" and isinstance(address, str):
+                self._joins[address] = self._joins.get(address, 0) + 1
+                self._caller.joined(address)  # a new worker at an old address: connect anew
+                self._changed()
+        if self._previous_handler is not None:  # the user's own handler of this topic
+            return self._previous_handler(event)
+        return None
+
+    def _changed(self) -> None:
+        with self._cluster_changed:
+            self._cluster_changed.notify_all()
+
+    def _workers_now(self) -> dict[str, Any]:
+        """The scheduler's current workers, asked now (not the client's periodic copy)."""
+        scheduler: Any = self.client.scheduler  # set while the client is running
+        info = self.client.sync(scheduler.identity, n_workers=-1, callback_timeout=30)
+        return cast("dict[str, Any]", info["workers"])
+
+    def _wait_for_change(self, deadline: float) -> None:
+        with self._cluster_changed:
+            self._cluster_changed.wait(max(0.0, min(0.5, deadline - time.monotonic())))
+
+    def live_placement(self, group: str, timeout: float | None = None) -> GroupPlacement:
+        """``group``'s placement with its workers' current addresses.
+
+        Workers are found by name, so a worker that was started again (the
+        local cluster's zygote, a nanny) is used at its new address. A worker
+        that is gone or known lost is waited for, at most ``timeout`` seconds
+        (default: dask config ``twinkle-dask.worker-restart-timeout``).
+
+        Raises
+        ------
+        WorkerLostError
+            If some worker of the group is not back in time.
+        """
         old = self.placement(group)
+        if not old.names:
+            return old
+        timeout = seconds("worker-restart-timeout") if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while True:
-            info = self.client.scheduler_info(n_workers=-1)["workers"]
+            info = self._workers_now()
             by_name = {str(w.get("name")): a for a, w in info.items()}
             addresses = [by_name.get(name) for name in old.names]
-            if all(a is not None and not self._caller.is_lost(a) for a in addresses):
+            unusable = [i for i, a in enumerate(addresses) if a is None or self._caller.is_lost(a)]
+            if not unusable:
                 break
-            for a in addresses:
-                if a is not None and self._caller.is_lost(a) and a in info:
-                    self._caller.forget_threadsafe(a)  # same address, new worker: connect anew
-            if time.monotonic() > deadline:
-                missing = [n for n, a in zip(old.names, addresses) if a is None]
-                raise TimeoutError(
-                    f"group {group!r}: worker(s) {missing or old.names} did not come back within {timeout:g} s"
+            if time.monotonic() >= deadline:
+                i = unusable[0]
+                a = addresses[i]
+                state = ("is not connected to the scheduler" if a is None
+                         else f"at {a} was lost ({getattr(self._caller.lost_reason(a), 'reason', '')})")
+                raise WorkerLostError(
+                    a or old.addresses[i], group=group, rank=i, component=f"worker {old.names[i]!r}",
+                    reason=f"it {state} and did not come back within {timeout:g} s",
                 )
-            time.sleep(0.2)
-        hosts = tuple(info[a]["host"] for a in addresses)
-        self.connection.placements[group] = dataclasses.replace(
-            old, addresses=tuple(addresses), hosts=hosts  # type: ignore[arg-type]
-        )
+            self._wait_for_change(deadline)
+        new = tuple(a for a in addresses if a is not None)
+        if new != old.addresses:
+            hosts = tuple(info[a]["host"] for a in new)
+            self.connection.placements[group] = dataclasses.replace(old, addresses=new, hosts=hosts)
+            logger.info("twinkle_dask: group %r now uses workers %s", group, list(new))
+        return self.connection.placements[group]
+
+    def restart_workers(self, addresses: Sequence[str], timeout: float | None = None) -> None:
+        """Restart the worker processes at ``addresses`` and wait until their replacements joined.
+
+        A rank stuck in user code (a rendezvous that never completes) cannot
+        be interrupted from outside its process: restarting the process is the
+        only way to free its worker. Every component on those workers is lost.
+        On the local cluster the process is killed and started again under
+        the same name and tags; on an existing cluster Dask's nanny restarts
+        it (``Client.restart_workers``).
+
+        Parameters
+        ----------
+        addresses : sequence of str
+            Worker addresses.
+        timeout : float, optional
+            Seconds to wait for the replacements to join (default: dask config
+            ``twinkle-dask.worker-restart-timeout``).
+
+        Raises
+        ------
+        WorkerRestartError
+            If a worker cannot be restarted (an existing cluster's worker
+            without a nanny) or its replacement did not join in time.
+        """
+        timeout = seconds("worker-restart-timeout") if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        info = self._workers_now()
+        names = {a: str(info[a]["name"]) for a in addresses if a in info}
+        joins = {a: self._joins.get(a, 0) for a in addresses}
+        if self.connection.cluster is not None:
+            for address in names:
+                self._kill_local_worker(address)
+        elif names:
+            try:
+                self.client.restart_workers(list(names), timeout=timeout, raise_for_error=True)
+            except ValueError as exc:  # Dask: "Restarting workers requires a nanny to be used"
+                raise WorkerRestartError(list(names), f"{exc}; start the cluster's workers with a nanny "
+                                         f"(`dask worker`, without --no-nanny) or restart them by hand") from None
+            except TimeoutError as exc:
+                raise WorkerRestartError(list(names), f"Dask's nanny did not restart them: {exc}") from None
+        for address in addresses:
+            self._caller.post(functools.partial(self._caller.lose, address, "the worker was restarted"))
+        while True:
+            info = self._workers_now()
+            by_name = {str(w.get("name")): a for a, w in info.items()}
+            back = {a: by_name.get(n) for a, n in names.items()}
+            waiting = [a for a, now in back.items() if now is None or (now == a and self._joins.get(a, 0) <= joins[a])]
+            if not waiting:
+                break
+            if time.monotonic() >= deadline:
+                raise WorkerRestartError(waiting, f"their replacement did not join within {timeout:g} s")
+            self._wait_for_change(deadline)
+        for group, place in list(self.connection.placements.items()):
+            if any(a in names for a in place.addresses):
+                self.live_placement(group, max(0.0, deadline - time.monotonic()))
+
+    def _kill_local_worker(self, address: str) -> None:
+        """SIGKILL the process of this local cluster that serves ``address``; its launcher starts it again."""
+        port = int(address.rsplit(":", 1)[1])
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                listening = any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr[1] == port
+                                for c in proc.net_connections(kind="tcp"))
+            except psutil.Error:
+                continue
+            if listening:
+                logger.warning("twinkle_dask: restarting worker %s (pid %d)", address, proc.pid)
+                try:
+                    os.kill(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                return
+        raise WorkerRestartError([address], "no process of this local cluster serves that address")
 
     # ------------------------------------------------------------------ what components say
     def _on_notice(self, notice: dict[str, Any]) -> None:
@@ -207,6 +351,13 @@ class DaskSession:
         ]
         concurrent.futures.wait(futures, timeout=min(timeout, 10.0))
         self._components.clear()
+        try:
+            if self._previous_handler is not None:
+                self.client.subscribe_topic("all", self._previous_handler)
+            else:
+                self.client.unsubscribe_topic("all")
+        except Exception:
+            logger.debug("twinkle_dask: unsubscribing from cluster events failed", exc_info=True)
         try:
             self.client.sync(self._caller.aclose, callback_timeout=5)
         except Exception:
@@ -257,6 +408,7 @@ def initialize(
     dashboard_address: str | None = "127.0.0.1:8787",
     security: Any = None,
     simulate_gpus: bool = False,
+    memory_limit: Any = "auto",
 ) -> Any:
     """Start twinkle_dask, in-process (``'local'``) or on a Dask cluster (``'dask'``).
 
@@ -299,6 +451,13 @@ def initialize(
         the CUDA_VISIBLE_DEVICES, tags and identity a GPU worker would get
         (for testing placement on a machine without GPUs). Without it, a GPU
         group on a machine without enough GPUs is an error.
+    memory_limit : int, str, float or None, default 'auto'
+        Memory each worker of the local cluster may use, as Dask's
+        ``memory_limit``: ``'auto'`` (the machine's memory shared by its
+        cores), bytes (``4294967296`` or ``'4GiB'``), a fraction of the
+        machine's memory (``0.5``), or ``None``/``0`` for no limit. Dask's
+        memory manager spills and pauses the worker near it. Ignored for
+        existing clusters (their workers have their own).
 
     Returns
     -------
@@ -346,8 +505,9 @@ def initialize(
 
     device_groups = _check_groups(groups)
     resolved = resolve_groups(device_groups)
+    memory_bytes = resolve_memory_limit(memory_limit)
     config = (tuple((g.name, g.num_ranks, g.device_type.lower(), g.gpus_per_worker) for g in device_groups),
-              address, id(client), simulate_gpus)
+              address, id(client), simulate_gpus, memory_bytes)
     if isinstance(current, DaskSession) and not current.closed:
         if current.config == config:
             current.seed, current.lazy_collect = seed, lazy_collect
@@ -363,7 +523,7 @@ def initialize(
                                      nproc_per_node=nproc_per_node)
     else:
         connection = start_local_cluster(resolved, dashboard_address=dashboard_address,
-                                         simulate_gpus=simulate_gpus)
+                                         simulate_gpus=simulate_gpus, memory_limit=memory_bytes)
     session = DaskSession(
         connection=connection, groups=device_groups, seed=seed, full_determinism=full_determinism,
         global_mesh=global_device_mesh, lazy_collect=lazy_collect, name=name, notifier=notifier,

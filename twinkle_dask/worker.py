@@ -160,6 +160,7 @@ class RankHost:
         self.released_early: set[int] = set()
         self.max_id = 0
         self.closed = False
+        self.unfinished = 0  # jobs handed to the thread that have not finished (loop side)
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._partial: dict[str, str] = {}
         self._who = f"{label} rank {ident.rank}"
@@ -172,6 +173,7 @@ class RankHost:
     # ------------------------------------------------------------------ loop side
     def submit(self, job: Job) -> None:
         msg = job.msg
+        self.unfinished += 1
         if job.kind == "call" and msg.get("keep"):
             k = msg["k"]
             self.max_id = max(self.max_id, k)
@@ -204,6 +206,7 @@ class RankHost:
 
     def _finished(self, job: Job, outcome: RankOutcome) -> None:
         msg = job.msg
+        self.unfinished -= 1
         method = msg["m"] if job.kind == "call" else "__init__"
         self.ext.recorder.record(self.label, method, self.cid, msg.get("k", 0), self.identity.rank,
                                  job.started, job.stopped, outcome.ok)
@@ -472,8 +475,12 @@ class TwinkleWorker:
                 self.hosts[msg["c"]] = host
                 host.submit(Job("new", msg, end))
             elif kind == "close":
+                # running: its __init__ or a call is still executing (or queued) on its thread, which
+                # no close can interrupt; the driver restarts the worker when that does not end.
+                closing = self.hosts.get(msg["c"])
+                running = closing is not None and closing.unfinished > 0
                 self._close(msg["c"])
-                end.reply(i, ok=True)
+                end.reply(i, ok=True, running=running)
             elif kind == "port":
                 end.reply(i, ok=True, port=_free_port())
             elif kind == "ping":
