@@ -13,6 +13,7 @@ per-worker counters (calls handled, results served to other processes).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,11 +29,13 @@ __all__ = ["assert_same", "local_session", "start_local", "worker_stats"]
 def start_local(*groups: DeviceGroup, **cpu_groups: Any) -> Any:
     """``initialize('dask', ...)`` on a local cluster, with CPU groups given as ``name=ranks``.
 
-    Keyword arguments that are not ints are passed to ``initialize``; the
-    dashboard is off unless ``dashboard_address`` says otherwise. Returns the
-    ``distributed.Client``.
+    Keyword arguments named as ``initialize``'s parameters, or that are not
+    ints, are passed to ``initialize``; the dashboard is off unless
+    ``dashboard_address`` says otherwise. Returns the ``distributed.Client``.
     """
-    options: dict[str, Any] = {k: v for k, v in cpu_groups.items() if not isinstance(v, int) or isinstance(v, bool)}
+    own = inspect.signature(initialize).parameters
+    options: dict[str, Any] = {k: v for k, v in cpu_groups.items()
+                               if k in own or not isinstance(v, int) or isinstance(v, bool)}
     all_groups = list(groups) + [
         DeviceGroup(name=name, ranks=n, device_type="cpu")
         for name, n in cpu_groups.items()
