@@ -427,6 +427,12 @@ class Channel:
         self._watch = None
         if self.lost is not None or not any(i != self._ping for i in self._pending):
             return  # idle (a ping alone does not keep the watch going)
+        try:
+            self._limit = seconds("worker-unresponsive-timeout")  # a changed setting applies at once
+        except ConfigurationError:
+            pass  # the next request reports it to its caller
+        if self._limit <= 0:
+            return
         now = time.monotonic()
         step = min(1.0, self._limit / 4)
         if now - self._due > step:
