@@ -303,3 +303,12 @@ class SlowInit:
     @remote_function(dispatch="all")
     def pid(self):
         return os.getpid()
+
+
+@remote_class()
+class Relay:
+    """Calls a method of another component (handed in as a handle) from its own worker."""
+
+    @remote_function(dispatch="all", collect="first")
+    def call(self, other, method: str, *args):
+        return getattr(other, method)(*args)

@@ -11,7 +11,7 @@ import time
 
 import dask
 import pytest
-from components import Echo, Rendezvous, Resilient, SlowInit
+from components import Echo, Relay, Rendezvous, Resilient, SlowInit
 
 import twinkle_dask as twinkle
 from twinkle_dask import close_component
@@ -198,6 +198,30 @@ def test_a_stopped_worker_fails_a_waiting_call_within_the_configured_bound():
             _kill_quietly(victim)
 
 
+def _set_unresponsive_timeout(value):
+    dask.config.set({"twinkle-dask.worker-unresponsive-timeout": value})
+
+
+def test_a_component_calling_a_stopped_worker_gets_the_same_bound():
+    with local_session(model=1, other=1) as client:
+        relay = Relay(remote_group="model")
+        target = Echo(remote_group="other")
+        assert relay.call(target, "count")() == 1
+        client.run(_set_unresponsive_timeout, "3s", workers=list(relay._twinkle_ref.addresses))
+        victim = target.identity()()["pid"]  # one rank: its result, unwrapped
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(WorkerLostError) as info:
+                relay.call(target, "count")()  # the relay's worker waits on the stopped one
+            elapsed = time.monotonic() - start
+            assert 2.5 < elapsed < 6, f"took {elapsed:.1f} s"
+            assert (info.value.group, info.value.rank, info.value.component) == ("other", 0, "Echo.count")
+            assert "did not answer for 3 s" in str(info.value)
+        finally:
+            _kill_quietly(victim)
+
+
 def test_a_stopped_worker_fails_a_construction_within_the_configured_bound():
     with local_session(model=2) as client, dask.config.set({"twinkle-dask.worker-unresponsive-timeout": "3s"}):
         names = _workers_by_name(client)
@@ -270,16 +294,19 @@ def test_unresponsive_timeout_is_validated():
 
 # --------------------------------------------------------------------------- Ctrl-C
 _DRIVER = """
-import sys, time
+import os, sys, time
 sys.path.insert(0, {tests!r})
 from components import Echo
 from twinkle_dask.testing import local_session
 
 with local_session(model=2):
     echo = Echo(tag="kept", remote_group="model")
-    print("ready", flush=True)
+    print("pids", *[i["pid"] for i in echo.identity()()], flush=True)
+    if {die!r}:
+        os.kill(os.getpid(), 9)  # the driver goes away without shutting down
     try:
-        echo.sleep(60)()
+        print("ready", flush=True)
+        echo.sleep(3)()
     except KeyboardInterrupt:
         print("interrupted", flush=True)
     print("count", echo.count(), flush=True)
@@ -287,14 +314,34 @@ with local_session(model=2):
 """
 
 
+def _driver(die: bool) -> subprocess.Popen[str]:
+    script = _DRIVER.format(tests=os.path.dirname(__file__), die=die)
+    # Its own process group, as a terminal's foreground job is.
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _until_gone(pids: list[int]) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        if not alive:
+            return
+        assert time.monotonic() < deadline, f"worker processes {alive} outlived their driver"
+
+
 def test_ctrl_c_reaches_the_driver_only():
-    script = _DRIVER.format(tests=os.path.dirname(__file__))
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = _driver(die=False)
     try:
         assert proc.stdout is not None
+        pids = [int(p) for p in proc.stdout.readline().split()[1:]]
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.5)  # the driver is now inside its wait for echo.sleep(60)
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C: the whole process group
         out, err = proc.communicate(timeout=60)
     finally:
@@ -302,3 +349,18 @@ def test_ctrl_c_reaches_the_driver_only():
             os.killpg(proc.pid, signal.SIGKILL)
     assert out.split("\n")[:3] == ["interrupted", "count 2", "tags kept,kept"], err
     assert proc.returncode == 0, err
+    _until_gone(pids)
+
+
+def test_workers_exit_when_their_driver_is_killed():
+    proc = _driver(die=True)
+    try:
+        assert proc.stdout is not None
+        pids = [int(p) for p in proc.stdout.readline().split()[1:]]
+        assert len(pids) == 2
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    _until_gone(pids)
