@@ -13,8 +13,8 @@ import pytest
 from components import Echo, Relay, Rendezvous, Resilient, SlowInit
 
 import twinkle_dask as twinkle
-from twinkle_dask import close_component
-from twinkle_dask.exceptions import CallTimeoutError, ConfigurationError, WorkerLostError
+from twinkle_dask import DeviceGroup, close_component, runtime
+from twinkle_dask.exceptions import CallTimeoutError, ConfigurationError, WorkerLostError, WorkerRestartError
 from twinkle_dask.testing import local_session, worker_stats
 
 pytestmark = pytest.mark.timeout(120)
@@ -289,6 +289,45 @@ def test_unresponsive_timeout_is_validated():
     with local_session(model=1), dask.config.set({"twinkle-dask.worker-unresponsive-timeout": "forever"}):
         with pytest.raises(ConfigurationError, match="worker-unresponsive-timeout"):
             Echo(remote_group="model")
+
+
+# --------------------------------------------------------------------------- existing clusters
+def test_restart_workers_on_an_existing_cluster_goes_through_the_nanny():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        client = twinkle.initialize("dask", address=cluster.scheduler_address,
+                                    groups=[DeviceGroup(name="g", ranks=2, device_type="cpu")])
+        try:
+            echo = Echo(remote_group="g")
+            old = _pids(echo)
+            address = echo._twinkle_ref.addresses[1]
+            runtime.process_session().restart_workers([address])
+            with pytest.raises(WorkerLostError):
+                echo.count()  # its rank 1 went with the worker
+            fresh = Echo(remote_group="g")  # the worker came back under its name: found again, tagged again
+            assert fresh._twinkle_ref.addresses[1] != address
+            pids = _pids(fresh)
+            assert pids[0] == old[0] and pids[1] != old[1]
+            info = client.scheduler_info(n_workers=-1)["workers"]
+            assert all(info[a]["resources"].get("twinkle-g") == 1 for a in fresh._twinkle_ref.addresses)
+        finally:
+            twinkle.shutdown()
+
+
+def test_restart_workers_without_a_nanny_is_a_typed_error():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        twinkle.initialize("dask", address=cluster.scheduler_address,
+                           groups=[DeviceGroup(name="g", ranks=1, device_type="cpu")])
+        try:
+            (address,) = runtime.process_session().placement("g").addresses
+            with pytest.raises(WorkerRestartError, match="nanny") as info:
+                runtime.process_session().restart_workers([address])
+            assert info.value.addresses == (address,)
+        finally:
+            twinkle.shutdown()
 
 
 # --------------------------------------------------------------------------- Ctrl-C

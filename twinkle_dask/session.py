@@ -25,8 +25,10 @@ from ._seed import seed_everything
 from .caller import Caller
 from .cluster import (
     ClusterConnection,
+    _tag_worker,
     connect_cluster,
     resolve_memory_limit,
+    resource_name,
     start_local_cluster,
     stop_local_cluster,
 )
@@ -238,6 +240,12 @@ class DaskSession:
             self._wait_for_change(deadline)
         new = tuple(a for a in addresses if a is not None)
         if new != old.addresses:
+            if self.connection.cluster is None:
+                # A worker of an existing cluster that came back lost the group tag we gave it at runtime.
+                tag = resource_name(group)
+                untagged = [a for a in new if tag not in (info[a].get("resources") or {})]
+                if untagged:
+                    self.client.run(_tag_worker, resources={tag: 1}, workers=untagged)
             hosts = tuple(info[a]["host"] for a in new)
             self.connection.placements[group] = dataclasses.replace(old, addresses=new, hosts=hosts)
             logger.info("twinkle_dask: group %r now uses workers %s", group, list(new))
