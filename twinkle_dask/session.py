@@ -221,6 +221,7 @@ class DaskSession:
             return old
         timeout = seconds("worker-restart-timeout") if timeout is None else timeout
         deadline = time.monotonic() + timeout
+        killed: set[str] = set()
         while True:
             info = self._workers_now()
             by_name = {str(w.get("name")): a for a, w in info.items()}
@@ -228,6 +229,17 @@ class DaskSession:
             unusable = [i for i, a in enumerate(addresses) if a is None or self._caller.is_lost(a)]
             if not unusable:
                 break
+            if self.connection.cluster is not None:
+                for i in unusable:
+                    a = addresses[i]
+                    reason = getattr(self._caller.lost_reason(a), "reason", "") if a is not None else ""
+                    if a is not None and a not in killed and reason.startswith("did not answer"):
+                        # Hung, yet still registered: the local cluster starts it again, as a nanny would.
+                        killed.add(a)
+                        try:
+                            self._kill_local_worker(a)
+                        except WorkerRestartError as exc:
+                            logger.warning("twinkle_dask: %s", exc)
             if time.monotonic() >= deadline:
                 i = unusable[0]
                 a = addresses[i]
