@@ -295,6 +295,18 @@ def test_unresponsive_timeout_is_validated():
             Echo(remote_group="model")
 
 
+def test_the_close_reply_says_whether_the_component_is_still_running():
+    with local_session(model=1):
+        caller = runtime.process_session().caller
+        idle, busy = Echo(remote_group="model"), Echo(remote_group="model")
+        before = _calls(busy, 0)
+        busy.sleep(30)
+        _until_received(busy, 0, before)
+        replies = [caller.request_threadsafe(h._twinkle_ref.addresses[0], {"t": "close", "c": h._twinkle_ref.cid})
+                   .result(10) for h in (idle, busy)]
+        assert [(r["ok"], r["running"]) for r in replies] == [(True, False), (True, True)]
+
+
 # --------------------------------------------------------------------------- existing clusters
 def test_restart_workers_on_an_existing_cluster_goes_through_the_nanny():
     from distributed import LocalCluster
