@@ -15,6 +15,7 @@ from .decorators import remote_class, remote_function
 from .dispatch import register_dispatch
 from .exceptions import (
     CallTimeoutError,
+    ColocationError,
     ComponentClosedError,
     ConfigurationError,
     DispatchError,
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "USE_DEFAULT",
     "CallTimeoutError",
+    "ColocationError",
     "ComponentClosedError",
     "ConfigurationError",
     "DeviceGroup",

@@ -14,6 +14,7 @@ ValueError`` keeps working when porting code::
     ├── CallTimeoutError (TimeoutError)      a call's ``timeout`` expired
     ├── WorkerLostError (RuntimeError)       a worker died or cannot be reached
     ├── ComponentClosedError (RuntimeError)  a call on a closed component
+    ├── ColocationError (RuntimeError)       colocated components that cannot share their process
     └── RemoteError (RuntimeError)           a remote exception whose type
                                              cannot be rebuilt in the driver
 
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "CallTimeoutError",
+    "ColocationError",
     "ComponentClosedError",
     "ConfigurationError",
     "DispatchError",
@@ -139,6 +141,33 @@ class WorkerLostError(TwinkleDaskError, RuntimeError):
 
 class ComponentClosedError(TwinkleDaskError, RuntimeError):
     """A call was made on a component that was closed or whose session ended."""
+
+
+class ColocationError(TwinkleDaskError, RuntimeError):
+    """A component cannot share its rank's process with the components already built there.
+
+    Raised at construction when a component initializes torch.distributed's
+    default process group in a worker where a colocated component already did.
+    """
+
+    def __init__(self, component: str, rank: int, group: str, owner: str | None) -> None:
+        self.component = component
+        self.rank = rank
+        self.group = group
+        self.owner = owner
+        super().__init__(component, rank, group, owner)
+
+    def __str__(self) -> str:
+        owner = f" by {self.owner}" if self.owner else ""
+        return (
+            f"{self.component}.__init__ on rank {self.rank} of group {self.group!r} called "
+            f"torch.distributed.init_process_group, but this rank's default process group was "
+            f"already initialized{owner}. The components of a group share their rank's process, "
+            f"and with it torch.distributed's default process group. Guard the call: "
+            f"`if not dist.is_initialized(): dist.init_process_group(...)` (the group is then "
+            f"shared, as the ranks and world size are the same), or build the component in a "
+            f"group of its own."
+        )
 
 
 class RemoteError(TwinkleDaskError, RuntimeError):

@@ -220,6 +220,13 @@ class LazyResult:
         timeout = self._info.timeout if timeout is None else timeout
         if self._done.done():
             return
+        if self._caller.in_worker:  # component code: the worker's executor runs nested calls meanwhile
+            try:
+                self._caller.block(self._done, timeout)
+            except concurrent.futures.TimeoutError:
+                pending = [self._info.ranks[i] for i, o in enumerate(self._outcomes) if o is None]
+                raise CallTimeoutError(self._info.label, self._info.method, timeout or 0.0, pending) from None
+            return
         first = progress.threshold()
         try:
             if timeout is not None and timeout <= first:
