@@ -106,3 +106,11 @@ def test_arguments_are_released_when_the_call_ends(session):
     assert taker.take(np.ones(400 << 20, dtype=np.uint8))() == 400 << 20
     # Read by another component: nothing of the finished call is left on the worker.
     assert checker.rss()() - before < 100 << 20
+
+
+def test_ranks_calling_a_component_on_each_others_workers_do_not_wait_for_each_other(session):
+    caller = Caller(remote_group="pair")
+    echo = Echo(remote_group="pair")  # rank 0 on the caller's rank 0 worker, rank 1 on its rank 1 worker
+    out = caller.relay.options(collect="none")(echo, 7).result(timeout=30)
+    assert [o["got"] for o in out] == [{"args": [7], "kwargs": {}}] * 2
+    assert echo.count() == 2  # and the component's own queue carries on

@@ -19,20 +19,23 @@ its identity variables in ``os.environ``, its own random streams
 changes that state while the job runs, so collectives of colocated
 components can never pair with each other and ranks never diverge.
 
-A component calling another component on the same worker from inside a
-method would wait for a job queued behind itself; such calls are marked
-*nested* by the caller and run inline: while the executor thread waits for
-the nested call's result, it runs the nested jobs itself (:meth:`Executor.wait`).
+Calls made by component code (a method calling another component) are
+marked *nested* by the calling worker. A nested call runs before the
+driver's queued calls, and while a job waits for a call it made, its
+executor runs the nested calls that arrive meanwhile (:meth:`Executor.wait`).
+So a method calling a component on its own worker runs that call inline, and
+two ranks of a group calling a component whose ranks sit on each other's
+workers do not wait for each other forever.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import queue
 import random
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -126,9 +129,6 @@ class Runner(Protocol):
     def metrics(self, values: dict[str, Any]) -> None: ...
 
 
-_WAKE = None
-
-
 class Executor:
     """The single thread that runs the component code of one worker.
 
@@ -139,34 +139,40 @@ class Executor:
     """
 
     def __init__(self, name: str) -> None:
-        self._queue: queue.SimpleQueue[tuple[Runner, Any] | Callable[[], None] | None] = queue.SimpleQueue()
-        self._nested: queue.SimpleQueue[tuple[Runner, Any] | None] = queue.SimpleQueue()
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[Runner, Any] | Callable[[], None] | None] = deque()
+        self._nested: deque[tuple[Runner, Any]] = deque()
         #: The component ranks whose jobs are running, outermost first (nested calls push).
         self.running: list[Runner] = []
         self._active: Runner | None = None  # whose streams are installed in the process
-        self._stopped = False
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ any thread
     def submit(self, runner: Runner, job: Any, *, nested: bool = False) -> None:
-        """Queue ``job`` for ``runner``; nested jobs run inside the job that issued them."""
-        (self._nested if nested else self._queue).put((runner, job))
+        """Queue ``job`` for ``runner``; nested jobs (made by component code) go first."""
+        with self._cond:
+            (self._nested if nested else self._queue).append((runner, job))
+            self._cond.notify_all()
 
     def call_soon(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the executor thread, in order with the jobs."""
-        self._queue.put(fn)
+        """Run ``fn`` on the executor thread, in order with the queued jobs."""
+        with self._cond:
+            self._queue.append(fn)
+            self._cond.notify_all()
 
     def stop(self) -> None:
-        self._stopped = True
-        self._queue.put(None)
+        """Stop the thread once the queued jobs have run."""
+        with self._cond:
+            self._queue.append(None)
+            self._cond.notify_all()
 
     def on_thread(self) -> bool:
-        """Whether the calling thread is this executor's."""
+        """Whether the calling thread is this executor's (component code is running)."""
         return threading.current_thread() is self._thread
 
     def is_running(self, runner: Runner) -> bool:
-        """Whether a job of ``runner`` is running now (also one waiting for a nested call)."""
+        """Whether a job of ``runner`` is running now (also one waiting for a call it made)."""
         return runner in self.running
 
     def forget(self, runner: Runner) -> None:
@@ -177,7 +183,10 @@ class Executor:
     # ------------------------------------------------------------------ executor thread
     def _main(self) -> None:
         while True:
-            item = self._queue.get()
+            with self._cond:
+                while not (self._nested or self._queue):
+                    self._cond.wait()
+                item = self._nested.popleft() if self._nested else self._queue.popleft()
             if item is None:
                 break
             if callable(item):
@@ -209,7 +218,7 @@ class Executor:
         reporting.bind(runner)
 
     def wait(self, fut: concurrent.futures.Future[Any], timeout: float | None) -> None:
-        """Block until ``fut`` is done; on the executor thread, run nested jobs meanwhile.
+        """Block until ``fut`` is done; on the executor thread, run nested calls meanwhile.
 
         Raises
         ------
@@ -221,16 +230,22 @@ class Executor:
             if not done:
                 raise concurrent.futures.TimeoutError
             return
-        fut.add_done_callback(lambda _: self._nested.put(_WAKE))
+
+        def wake(_: Any) -> None:
+            with self._cond:
+                self._cond.notify_all()
+
+        fut.add_done_callback(wake)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not fut.done():
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise concurrent.futures.TimeoutError
-            try:
-                item = self._nested.get(timeout=remaining)
-            except queue.Empty:
-                raise concurrent.futures.TimeoutError from None
-            if item is not None:
-                self._run(*item)
-                del item
+        while True:
+            with self._cond:
+                while not fut.done() and not self._nested:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise concurrent.futures.TimeoutError
+                    self._cond.wait(remaining)
+                if fut.done():
+                    return
+                item = self._nested.popleft()
+            self._run(*item)
+            del item

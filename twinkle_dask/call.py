@@ -198,14 +198,14 @@ def invoke(
     result = LazyResult._create(caller, info, held, notify)
     method = remote_name or spec.name
     msgs = []
-    inline_to = caller.inline_to
+    nested = caller.nested is not None and caller.nested()  # made by component code
     for slot, payload in enumerate(payloads):
         msg = {"t": "call", "c": target.cid, "k": call_id, "m": method, "p": payload,
                "keep": keep, "inl": inline, "lz": has_sources}
         if remote_dispatch is not None:
             msg["rd"], msg["ri"] = remote_dispatch, slot
-        if inline_to is not None and inline_to(addresses[slot]):
-            msg["x"] = True  # component code calling its own worker: runs inside the calling job
+        if nested:
+            msg["x"] = True
         msgs.append(msg)
 
     def send() -> None:

@@ -68,9 +68,9 @@ class Caller:
         #: Waits for a future to finish (``TimeoutError`` past the timeout). A worker's executor
         #: replaces it so that component code waiting on a call runs nested calls meanwhile.
         self.block: Callable[[concurrent.futures.Future[Any], float | None], None] = _block
-        #: Whether a call to an address, made from this thread now, runs inline on the executor
-        #: (component code calling a component on its own worker); None in the driver.
-        self.inline_to: Callable[[str], bool] | None = None
+        #: Whether a call made from this thread now is made by component code (a worker's
+        #: executor): such calls are nested on the receiving worker. None in the driver.
+        self.nested: Callable[[], bool] | None = None
 
     # ------------------------------------------------------------------ ids
     def next_call_id(self) -> int:

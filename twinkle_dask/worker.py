@@ -433,7 +433,7 @@ class TwinkleWorker:
         self.caller = Caller(self.loop, worker.connection_args, in_worker=True, connect_timeout=5.0,
                              on_notice=self._on_notice)
         self.caller.block = self.executor.wait
-        self.caller.inline_to = self._inline_to
+        self.caller.nested = self.executor.on_thread
         reporting.route_process_streams()
         self.port: int | None = None
         self.recorder = CallRecorder(worker, self.loop)
@@ -443,10 +443,6 @@ class TwinkleWorker:
         worker.extensions[self.name] = self
         # Tensors that left a GPU land on this worker's GPU (device 0 of its CUDA_VISIBLE_DEVICES).
         set_cuda_landing(os.environ.get("TWINKLE_GPU") == "1")
-
-    def _inline_to(self, address: str) -> bool:
-        """Whether a call to ``address`` made now runs inline: component code calling this very worker."""
-        return address == self.worker.address and self.executor.on_thread()
 
     @staticmethod
     def _on_notice(notice: dict[str, Any]) -> None:
