@@ -150,13 +150,20 @@ class RemoteError(TwinkleDaskError, RuntimeError):
         The qualified name of the original exception type.
     remote_traceback : str
         The traceback text captured on the worker.
+    reason : str
+        Why the original type could not be rebuilt here.
     """
 
-    def __init__(self, type_name: str, message: str, remote_traceback: str = "") -> None:
+    def __init__(self, type_name: str, message: str, remote_traceback: str = "", reason: str = "") -> None:
         self.type_name = type_name
         self.message = message
         self.remote_traceback = remote_traceback
-        super().__init__(type_name, message, remote_traceback)
+        self.reason = reason
+        super().__init__(type_name, message, remote_traceback, reason)
 
     def __str__(self) -> str:
-        return f"{self.type_name}: {self.message}"
+        text = f"{self.type_name}: {self.message}"
+        if self.reason:
+            short = self.type_name.rsplit(".", 1)[-1]
+            text += f" ({short} could not be rebuilt in the driver: {self.reason})"
+        return text
