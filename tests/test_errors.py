@@ -1,0 +1,157 @@
+"""Remote errors: the lowest failed rank's error, original types, results and arguments that cannot travel."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import dask
+import pytest
+from error_components import Abort, Failer, NoLenLoader, ShardError, nested
+
+from twinkle_dask import RemoteError, SerializationError
+
+pytestmark = pytest.mark.timeout(120)
+
+REPEATS = 30
+
+
+@pytest.fixture(scope="module")
+def failer(cluster):
+    return Failer(remote_group="model")
+
+
+def raised(call, exc_type=Exception):
+    """The message of the exception ``call()`` raises."""
+    with pytest.raises(exc_type) as info:
+        call()
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("failing", "reverse", "expected"),
+    [([0, 1, 2, 3], False, "rank 0 failed"), ([0, 1, 2, 3], True, "rank 0 failed"), ([1, 3], False, "rank 1 failed")],
+    ids=["all-ranks", "all-ranks-higher-first", "ranks-1-and-3"],
+)
+def test_eager_call_raises_the_lowest_failed_ranks_error_every_time(failer, failing, reverse, expected):
+    seen = collections.Counter(raised(lambda: failer.fail(failing, reverse), ValueError) for _ in range(REPEATS))
+    assert seen == {expected: REPEATS}
+
+
+@pytest.mark.parametrize(("failing", "expected"), [([0, 1, 2, 3], "rank 0 failed"), ([1, 3], "rank 1 failed")])
+def test_sync_call_raises_the_lowest_failed_ranks_error_every_time(failer, failing, expected):
+    seen = collections.Counter(raised(lambda: failer.fail_sync(failing), ValueError) for _ in range(REPEATS))
+    assert seen == {expected: REPEATS}
+
+
+def test_a_failed_rank_waits_for_lower_ranks_only_boundedly(failer):
+    # Rank 0 runs long (as if blocked in a collective that rank 2 never joins): rank 2's error comes
+    # after the configured wait, not after rank 0 finishes.
+    with dask.config.set({"twinkle-dask.lowest-rank-wait": "0.5s"}):
+        start = time.monotonic()
+        message = raised(lambda: failer.fail_lazy_lower(0, 2, 4.0), ValueError)
+        elapsed = time.monotonic() - start
+    assert message == "rank 2 failed"
+    assert 0.5 <= elapsed < 3.0
+
+
+def test_a_lower_rank_that_answers_late_but_fine_does_not_hide_the_error(failer):
+    assert raised(lambda: failer.fail_lazy_lower(0, 2, 0.5), ValueError) == "rank 2 failed"
+
+
+def test_exception_whose_init_takes_other_arguments_keeps_its_type_and_fields(failer):
+    with pytest.raises(ShardError) as info:
+        failer.raise_kind("shard")()
+    assert str(info.value) == "shard 3 is broken: checksum mismatch"
+    assert (info.value.shard, info.value.reason) == (3, "checksum mismatch")
+    notes = "\n".join(info.value.__notes__)
+    assert "raised by Failer.raise_kind on rank 0 of group 'model'" in notes
+    assert "raise ShardError(3, \"checksum mismatch\")" in notes  # the remote traceback
+
+
+@pytest.mark.parametrize(
+    ("kind", "exc_type", "check"),
+    [
+        ("abort", Abort, lambda e: str(e) == "stop the run"),
+        ("keyboard", KeyboardInterrupt, lambda e: str(e) == "interrupted in a component"),
+        ("exit", SystemExit, lambda e: e.code == 3),
+    ],
+)
+def test_base_exceptions_arrive_typed_and_leave_the_worker_running(failer, kind, exc_type, check):
+    pid = failer.ping()()
+    with pytest.raises(exc_type) as info:
+        failer.raise_kind(kind)()
+    assert check(info.value)
+    assert any("raised by Failer.raise_kind on rank 0" in n for n in info.value.__notes__)
+    assert failer.ping()() == pid  # same worker process, still serving
+
+
+def test_exception_of_a_module_the_driver_cannot_import_says_why(failer):
+    with pytest.raises(RemoteError) as info:
+        failer.raise_kind("worker_only")()
+    err = info.value
+    assert err.type_name.startswith("worker_only_") and err.type_name.endswith(".ThingError")
+    assert err.message == "from a worker-only module"
+    assert "could not be rebuilt in the driver: module 'worker_only_" in str(err)
+    assert "is not importable here" in err.reason
+    assert "raise _worker_only_module(twinkle.get_rank()).ThingError" in err.remote_traceback
+
+
+RESULT_CASES = [
+    ("loads_badly", "ValueError: refusing to load: made on the worker"),
+    ("worker_only", "ModuleNotFoundError: No module named 'worker_only_"),
+]
+
+
+@pytest.mark.parametrize(("kind", "cause"), RESULT_CASES, ids=[c[0] for c in RESULT_CASES])
+@pytest.mark.parametrize("size", [1, 20_000], ids=["inline", "fetched"])
+def test_result_the_driver_cannot_load_is_a_serialization_error_lazy_and_eager_alike(failer, kind, cause, size):
+    method = failer.result_kind
+    eager = raised(lambda: method.options(lazy_collect=False)(kind, size), SerializationError)
+    lazy = raised(lambda: method(kind, size)(), SerializationError)
+    assert eager == lazy
+    assert eager.startswith(
+        "the result of Failer.result_kind on rank 0 of group 'model' cannot be deserialized in the driver: " + cause
+    )
+
+
+def test_result_nested_too_deep_is_a_serialization_error_lazy_and_eager_alike(failer):
+    method = failer.result_kind
+    eager = raised(lambda: method.options(lazy_collect=False)("nested", 100_000), SerializationError)
+    lazy = raised(lambda: method("nested", 100_000)(), SerializationError)
+    assert eager == lazy
+    assert eager.startswith("cannot serialize the result of Failer.result_kind on rank 0: ")
+    assert eager.endswith("Fix: it is nested too deep for pickle: pass flatter data (or raise sys.setrecursionlimit).")
+
+
+def test_argument_nested_too_deep_is_a_serialization_error(failer):
+    message = raised(lambda: failer.echo(nested(100_000)), SerializationError)
+    assert message.startswith("cannot serialize the arguments of Failer.echo: ")
+    assert "nested too deep for pickle" in message
+
+
+def test_self_referential_arguments_travel_with_their_cycle(failer):
+    value: list = [1]
+    value.append(value)
+    got = failer.echo(value)()
+    assert got[0] == 1 and got[1] is got
+
+
+def test_self_referential_arguments_with_lazy_results_inside(failer):
+    lazy = failer.echo([7, 8])
+    value: list = [lazy]
+    value.append(value)
+    got = failer.echo(value)()
+    assert got[0] == [7, 8] and got[1] is got
+    pair: list = [lazy]
+    looped = (pair,)
+    pair.append(looped)
+    assert "a tuple that contains itself" in raised(lambda: failer.echo(looped), SerializationError)
+
+
+def test_iteration_never_asks_for_the_length(cluster, capfd):
+    loader = NoLenLoader(3, remote_group="data")
+    with dask.config.set({"twinkle-dask.progress": True}):
+        assert [batch() for batch in loader] == [[0], [1], [2]]
+    err = capfd.readouterr().err
+    assert "NoLenLoader batches: 0it [" in err  # a bar that counts batches, without a total
