@@ -126,7 +126,7 @@ class WorkerProcess(ProcessInterface):
         proc.terminate()
         try:
             await asyncio.wait_for(proc.wait(), grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await proc.wait()
 
@@ -144,7 +144,7 @@ class WorkerProcess(ProcessInterface):
             proc.terminate()
             try:
                 await asyncio.wait_for(proc.wait(), 5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 proc.kill()
                 await proc.wait()
         self.process = None
@@ -182,7 +182,7 @@ class Zygote:
             proc.stdin.write(json.dumps({"op": "stop", "grace": grace}).encode() + b"\n")
             await proc.stdin.drain()
             await asyncio.wait_for(proc.wait(), grace + 5)
-        except (asyncio.TimeoutError, ConnectionError, BrokenPipeError):
+        except (TimeoutError, ConnectionError, BrokenPipeError):
             proc.kill()
             await proc.wait()
 
