@@ -7,9 +7,18 @@ import time
 
 import dask
 import pytest
+from components import Echo
 from error_components import Abort, Failer, NoLenLoader, ShardError, nested
 
-from twinkle_dask import RemoteError, SerializationError
+import twinkle_dask as twinkle
+from twinkle_dask import (
+    ConfigurationError,
+    ConfigurationTypeError,
+    DeviceGroup,
+    RemoteError,
+    SerializationError,
+    remote_function,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -155,3 +164,44 @@ def test_iteration_never_asks_for_the_length(cluster, capfd):
         assert [batch() for batch in loader] == [[0], [1], [2]]
     err = capfd.readouterr().err
     assert "NoLenLoader batches: 0it [" in err  # a bar that counts batches, without a total
+
+
+# --------------------------------------------------------------------------- options checked with a session
+def test_address_and_client_together_are_rejected(cluster):
+    with pytest.raises(ConfigurationError, match="pass address or client, not both"):
+        twinkle.initialize("dask", groups=[DeviceGroup(name="g", ranks=1, device_type="cpu")],
+                           address="tcp://127.0.0.1:1", client=cluster)
+
+
+@pytest.mark.parametrize(
+    ("options", "exc_type", "message"),
+    [
+        ({"timeout": "x"}, ConfigurationTypeError, "timeout must be a positive number of seconds or None, got 'x'"),
+        ({"timeout": 0}, ConfigurationError, "timeout must be a positive number of seconds or None, got 0"),
+        ({"sync": "yes"}, ConfigurationTypeError, "sync must be True or False, got 'yes'"),
+        ({"lazy_collect": 1}, ConfigurationTypeError, "lazy_collect must be True, False or None, got 1"),
+    ],
+)
+def test_method_options_are_checked_in_the_decorator_and_in_options(cluster, options, exc_type, message):
+    with pytest.raises(exc_type) as info:
+        remote_function(**options)
+    assert str(info.value) == message
+    echo = Echo(remote_group="sampler")
+    with pytest.raises(exc_type) as info:
+        echo.recv.options(**options)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("timeout", "exc_type", "message"),
+    [("x", ConfigurationTypeError, "got 'x'"), (-1, ConfigurationError, "got -1"),
+     (float("nan"), ConfigurationError, "got nan")],
+)
+def test_result_timeout_is_checked(cluster, timeout, exc_type, message):
+    lazy = Echo(remote_group="sampler").recv([1, 2])
+    for wait in (lazy.result, lazy.per_rank):
+        with pytest.raises(exc_type) as info:
+            wait(timeout=timeout)
+        assert str(info.value).endswith(f"timeout must be None or a number of seconds >= 0, {message}")
+    assert lazy.result(timeout=0 if lazy.done() else 30) == [{"args": [[1]], "kwargs": {}},
+                                                             {"args": [[2]], "kwargs": {}}]

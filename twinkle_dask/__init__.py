@@ -15,8 +15,10 @@ from .decorators import remote_class, remote_function
 from .dispatch import register_dispatch
 from .exceptions import (
     CallTimeoutError,
+    ClusterUnreachableError,
     ComponentClosedError,
     ConfigurationError,
+    ConfigurationTypeError,
     DispatchError,
     NotInitializedError,
     NotRemoteMethodError,
@@ -39,8 +41,10 @@ __version__ = "0.1.0"
 __all__ = [
     "USE_DEFAULT",
     "CallTimeoutError",
+    "ClusterUnreachableError",
     "ComponentClosedError",
     "ConfigurationError",
+    "ConfigurationTypeError",
     "DeviceGroup",
     "DeviceMesh",
     "DispatchError",

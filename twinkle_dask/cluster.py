@@ -23,17 +23,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import psutil
-from distributed import Client, Scheduler, SpecCluster
+from distributed import Client, Scheduler, Security, SpecCluster
+from distributed.comm.addressing import parse_address, parse_host_port
+from distributed.comm.registry import get_backend
 from distributed.deploy.spec import ProcessInterface
 
 from .dashboard import TwinkleSchedulerPlugin
-from .exceptions import ConfigurationError
+from .exceptions import ClusterUnreachableError, ConfigurationError, ConfigurationTypeError
 from .mesh import ResolvedGroup
 from .runtime import GroupPlacement
 from .worker import TwinklePlugin
 
 __all__ = [
     "ClusterConnection",
+    "check_cluster_options",
     "connect_cluster",
     "resource_name",
     "start_local_cluster",
@@ -404,6 +407,55 @@ def _install_scheduler_plugin(client: Client) -> None:
                        "install twinkle-dask where the scheduler runs", exc)
 
 
+def _check_address(name: str, value: Any, example: str, *, scheduler: bool) -> None:
+    if not isinstance(value, str):
+        raise ConfigurationTypeError(f"initialize: {name} must be a string like {example!r}, got {value!r}")
+    try:
+        scheme, location = parse_address(value) if scheduler else ("tcp", value)
+        get_backend(scheme)
+        if scheme in ("tcp", "tls"):
+            parse_host_port(location)
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"initialize: {name} {value!r} is not valid ({exc}); pass one like {example!r}"
+        ) from None
+
+
+def check_cluster_options(*, address: Any, client: Any, security: Any, dashboard_address: Any) -> None:
+    """Check ``initialize``'s cluster options before anything is started or connected.
+
+    Raises
+    ------
+    ConfigurationTypeError
+        For an option of the wrong type.
+    ConfigurationError
+        For an address that cannot be parsed or conflicting options.
+    """
+    if address is not None:
+        _check_address("address", address, "tcp://10.0.0.1:8786", scheduler=True)
+    if client is not None and not isinstance(client, Client):
+        raise ConfigurationTypeError(
+            f"initialize: client must be a distributed.Client, got {client!r}; pass client=Client(...), "
+            f"or address='tcp://host:8786' to connect to a scheduler"
+        )
+    if address is not None and client is not None:
+        raise ConfigurationError(
+            f"initialize: pass address or client, not both (got address={address!r} and client={client!r})"
+        )
+    if security is not None and security is not True and not isinstance(security, Security):
+        raise ConfigurationTypeError(
+            f"initialize: security must be a distributed.Security (e.g. Security.temporary()), True for a "
+            f"temporary one, or None, got {security!r}"
+        )
+    if security is True and (address is not None or client is not None):
+        raise ConfigurationError(
+            "initialize: security=True makes temporary certificates for a local cluster; to connect to an "
+            "existing cluster pass distributed.Security(tls_ca_file=..., tls_client_cert=..., tls_client_key=...)"
+        )
+    if dashboard_address is not None:
+        _check_address("dashboard_address", dashboard_address, "127.0.0.1:8787", scheduler=False)
+
+
 def connect_cluster(
     groups: Sequence[ResolvedGroup],
     *,
@@ -422,7 +474,14 @@ def connect_cluster(
                 f"the scheduler at {address} speaks TLS: pass security=distributed.Security(tls_ca_file=..., "
                 f"tls_client_cert=..., tls_client_key=..., require_encryption=True) to initialize()"
             )
-        client = Client(address, security=security, direct_to_workers=True, set_as_default=False)
+        try:
+            client = Client(address, security=security, direct_to_workers=True, set_as_default=False)
+        except OSError as exc:  # Dask's connect timeout passed (distributed.comm.timeouts.connect)
+            raise ClusterUnreachableError(
+                f"no Dask scheduler answered at {address!r} ({exc}). Check the address and port, that the "
+                f"scheduler runs (`dask scheduler`) and that this machine can reach it; or omit address to "
+                f"start a local cluster"
+            ) from exc
     try:
         try:
             client.register_plugin(TwinklePlugin(), name=TwinklePlugin.name)

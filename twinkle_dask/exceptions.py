@@ -7,7 +7,9 @@ ValueError`` keeps working when porting code::
 
     TwinkleDaskError
     ├── ConfigurationError (ValueError)      bad option, group, mesh or name
+    │   ├── ConfigurationTypeError (TypeError) an option of the wrong type
     │   └── DispatchError                    inputs that cannot be dispatched
+    ├── ClusterUnreachableError (ConnectionError) no scheduler at the address
     ├── NotInitializedError (RuntimeError)   no session, or a shut-down one
     ├── NotRemoteMethodError (AttributeError) undecorated method on a handle
     ├── SerializationError (TypeError)       an argument or result that cannot travel
@@ -28,8 +30,10 @@ from collections.abc import Sequence
 
 __all__ = [
     "CallTimeoutError",
+    "ClusterUnreachableError",
     "ComponentClosedError",
     "ConfigurationError",
+    "ConfigurationTypeError",
     "DispatchError",
     "NotInitializedError",
     "NotRemoteMethodError",
@@ -46,6 +50,14 @@ class TwinkleDaskError(Exception):
 
 class ConfigurationError(TwinkleDaskError, ValueError):
     """An option, group, mesh or strategy name is not valid."""
+
+
+class ConfigurationTypeError(ConfigurationError, TypeError):
+    """An option has the wrong type (also a ``TypeError``)."""
+
+
+class ClusterUnreachableError(TwinkleDaskError, ConnectionError):
+    """No Dask scheduler answered at the given address within Dask's connect timeout."""
 
 
 class DispatchError(ConfigurationError):

@@ -17,6 +17,7 @@ import dask
 from dask.utils import parse_timedelta
 
 from . import progress
+from ._checks import check_timeout
 from ._errors import add_note, decode_error
 from .caller import Caller
 from .channel import unpack
@@ -373,14 +374,19 @@ class LazyResult:
 
         Raises
         ------
+        ConfigurationError
+            If ``timeout`` is not None or a non-negative number.
         CallTimeoutError
             If some rank did not answer in time (they are named).
-        Exception
-            The first remote exception, with its original type and notes
-            naming the component, method, rank and call site.
+        BaseException
+            The lowest failed rank's remote exception, with its original type
+            and notes naming the component, method, rank and call site.
         WorkerLostError
             If a rank's worker died.
+        SerializationError
+            If a rank's result cannot be unpickled here.
         """
+        check_timeout(f"{self._info.label}.{self._info.method} result", timeout, allow_zero=True)
         with self._lock:
             if self._value_set:
                 return self._value
@@ -402,6 +408,7 @@ class LazyResult:
 
     def per_rank(self, timeout: float | None = None) -> list[Any]:
         """The uncollected per-rank results, in rank order."""
+        check_timeout(f"{self._info.label}.{self._info.method} per_rank", timeout, allow_zero=True)
         values = self._values(list(range(len(self._info.ranks))), timeout)
         self._observed = True
         return values
