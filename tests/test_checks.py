@@ -8,6 +8,7 @@ import dask
 import psutil
 import pytest
 from components import Echo
+from distributed import Security
 
 import twinkle_dask as twinkle
 from twinkle_dask import (
@@ -47,6 +48,8 @@ BAD_INITIALIZE = [
     ({"ncpu_proc_per_node": -1}, ConfigurationError, "ncpu_proc_per_node must be None or an int >= 0, got -1"),
     ({"security": "x"}, ConfigurationTypeError, "security must be a distributed.Security (e.g. Security.temporary())"),
     ({"security": True, "address": "tcp://127.0.0.1:1"}, ConfigurationError, "security=True makes temporary"),
+    ({"security": Security()}, ConfigurationError,
+     "lacks ['tls_ca_file', 'tls_scheduler_cert', 'tls_worker_cert', 'tls_client_cert'] for a local TLS cluster"),
     ({"dashboard_address": "bogus"}, ConfigurationError,
      "dashboard_address 'bogus' is not valid (missing port number in address 'bogus'); pass one like '127.0.0.1:8787'"),
     ({"dashboard_address": 8787}, ConfigurationTypeError, "dashboard_address must be a string like '127.0.0.1:8787'"),

@@ -231,6 +231,8 @@ class DaskSession:
                 stop_local_cluster(conn.cluster, timeout, conn.zygote)
             except Exception:
                 logger.warning("twinkle_dask: closing the local cluster failed", exc_info=True)
+        if conn.tls_dir is not None:
+            conn.tls_dir.cleanup()
         _identity.restore_env(self._driver_env)
 
 
@@ -299,8 +301,12 @@ def initialize(
         Accepted for Twinkle compatibility; the groups decide the workers.
     dashboard_address : str or None, default '127.0.0.1:8787'
         Where the local cluster serves the Dask dashboard (None: no dashboard).
-    security : distributed.Security, optional
-        TLS settings for connecting to a secured scheduler.
+    security : distributed.Security or True, optional
+        TLS settings. With ``address``: for connecting to a secured
+        scheduler. For the local cluster: its scheduler, workers and every
+        twinkle channel speak TLS with these certificates (``True`` or
+        ``Security.temporary()``: a temporary self-signed set, kept in a
+        private folder removed at shutdown).
     simulate_gpus : bool, default False
         Run GPU groups of the local cluster as CPU workers that get exactly
         the CUDA_VISIBLE_DEVICES, tags and identity a GPU worker would get
@@ -388,7 +394,7 @@ def initialize(
                                      nproc_per_node=nproc_per_node)
     else:
         connection = start_local_cluster(resolved, dashboard_address=dashboard_address,
-                                         simulate_gpus=simulate_gpus)
+                                         simulate_gpus=simulate_gpus, security=security)
     session = DaskSession(
         connection=connection, groups=device_groups, seed=seed, full_determinism=full_determinism,
         global_mesh=global_device_mesh, lazy_collect=lazy_collect, name=name, notifier=notifier,
