@@ -15,6 +15,7 @@ from twinkle_dask import (
     ConfigurationError,
     ConfigurationTypeError,
     DeviceGroup,
+    DeviceMesh,
     RemoteError,
     SerializationError,
     remote_function,
@@ -156,6 +157,23 @@ def test_self_referential_arguments_with_lazy_results_inside(failer):
     looped = (pair,)
     pair.append(looped)
     assert "a tuple that contains itself" in raised(lambda: failer.echo(looped), SerializationError)
+
+
+def test_self_referential_dict_that_slice_dp_would_split_is_a_serialization_error(cluster):
+    echo = Echo(device_mesh=DeviceMesh.from_sizes(dp_size=2), remote_group="sampler")
+    value: dict = {"ids": [1, 2]}
+    value["again"] = value
+    message = raised(lambda: echo.describe(value), SerializationError)
+    assert message.startswith("the arguments of Echo.describe are nested too deep (or contain themselves) for "
+                              "dispatch 'slice_dp' to split them")
+
+
+def test_lazy_input_a_consumer_cannot_load_is_a_serialization_error_naming_the_producer(failer):
+    kept = failer.result_kind("worker_only", 20_000)  # stays on model rank 0; only that worker can load it
+    consumer = Echo(remote_group="sampler")
+    message = raised(lambda: consumer.recv.options(dispatch="all")(kept)(), SerializationError)
+    assert message.startswith("the input produced by Failer.result_kind on rank 0 (")
+    assert "cannot be deserialized on worker" in message and "No module named 'worker_only_" in message
 
 
 def test_iteration_never_asks_for_the_length(cluster, capfd):
