@@ -88,3 +88,23 @@ def test_local_cluster_with_security_speaks_tls_everywhere(make_security):
         per_worker = client.run(_worker_channels_encrypted, workers=list(session.placements["consumer"].addresses))
         assert all(flags and all(flags) for flags in per_worker.values()), per_worker
     assert not os.path.exists(folder)  # the keys are gone with the session
+
+
+def test_dask_cuda_workers_of_a_local_cluster_speak_tls_too(monkeypatch):
+    pytest.importorskip("cryptography")
+    pytest.importorskip("dask_cuda")
+    from distributed import Security
+
+    from twinkle_dask.cluster import gpu_count
+    from twinkle_dask.testing import local_session
+
+    if gpu_count() > 0:
+        pytest.skip("dask-cuda's GPU-less test switch is for machines without GPUs")
+    monkeypatch.setenv("DASK_CUDA_TEST_DISABLE_DEVICE_SPECIFIC", "1")
+    with local_session(DeviceGroup(name="g", ranks=2, device_type="cuda"), simulate_gpus=True,
+                       security=Security.temporary()) as client:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        assert sorted(str(w["name"]) for w in workers.values()) == ["g-0", "g-1"]
+        assert client.scheduler.address.startswith("tls://")
+        assert all(a.startswith("tls://") for a in workers)
+        assert Echo(remote_group="g").recv([1, 2])() == [{"args": [[1]], "kwargs": {}}, {"args": [[2]], "kwargs": {}}]
