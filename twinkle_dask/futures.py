@@ -247,7 +247,12 @@ class LazyResult:
 
     # ------------------------------------------------------------------ waiting
     def done(self) -> bool:
-        """Whether every rank has answered."""
+        """Whether the call has settled: every rank answered, or its failure is known.
+
+        A failure is known once every rank below the lowest failed rank has
+        answered (or ``twinkle-dask.lowest-rank-wait`` passed), or at once when
+        a worker was lost.
+        """
         return self._done.done()
 
     def _wait(self, timeout: float | None) -> None:
