@@ -9,7 +9,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from components import Caller, Drawer, Echo, EnvWatcher, FirstWatcher, Gloo, Holder, Loader, Reducer  # noqa: E402
+from components import (  # noqa: E402
+    Caller,
+    Drawer,
+    Echo,
+    EnvWatcher,
+    FirstWatcher,
+    Gloo,
+    Holder,
+    Loader,
+    Reducer,
+)
 
 from twinkle_dask import ColocationError  # noqa: E402
 from twinkle_dask.testing import local_session  # noqa: E402
@@ -114,3 +124,4 @@ def test_ranks_calling_a_component_on_each_others_workers_do_not_wait_for_each_o
     out = caller.relay.options(collect="none")(echo, 7).result(timeout=30)
     assert [o["got"] for o in out] == [{"args": [7], "kwargs": {}}] * 2
     assert echo.count() == 2  # and the component's own queue carries on
+

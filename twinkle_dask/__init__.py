@@ -15,9 +15,11 @@ from .decorators import remote_class, remote_function
 from .dispatch import register_dispatch
 from .exceptions import (
     CallTimeoutError,
+    ClusterUnreachableError,
     ColocationError,
     ComponentClosedError,
     ConfigurationError,
+    ConfigurationTypeError,
     DispatchError,
     NotInitializedError,
     NotRemoteMethodError,
@@ -40,9 +42,11 @@ __version__ = "0.1.0"
 __all__ = [
     "USE_DEFAULT",
     "CallTimeoutError",
+    "ClusterUnreachableError",
     "ColocationError",
     "ComponentClosedError",
     "ConfigurationError",
+    "ConfigurationTypeError",
     "DeviceGroup",
     "DeviceMesh",
     "DispatchError",

@@ -7,7 +7,9 @@ ValueError`` keeps working when porting code::
 
     TwinkleDaskError
     ├── ConfigurationError (ValueError)      bad option, group, mesh or name
+    │   ├── ConfigurationTypeError (TypeError) an option of the wrong type
     │   └── DispatchError                    inputs that cannot be dispatched
+    ├── ClusterUnreachableError (ConnectionError) no scheduler at the address
     ├── NotInitializedError (RuntimeError)   no session, or a shut-down one
     ├── NotRemoteMethodError (AttributeError) undecorated method on a handle
     ├── SerializationError (TypeError)       an argument or result that cannot travel
@@ -29,9 +31,11 @@ from collections.abc import Sequence
 
 __all__ = [
     "CallTimeoutError",
+    "ClusterUnreachableError",
     "ColocationError",
     "ComponentClosedError",
     "ConfigurationError",
+    "ConfigurationTypeError",
     "DispatchError",
     "NotInitializedError",
     "NotRemoteMethodError",
@@ -48,6 +52,14 @@ class TwinkleDaskError(Exception):
 
 class ConfigurationError(TwinkleDaskError, ValueError):
     """An option, group, mesh or strategy name is not valid."""
+
+
+class ConfigurationTypeError(ConfigurationError, TypeError):
+    """An option has the wrong type (also a ``TypeError``)."""
+
+
+class ClusterUnreachableError(TwinkleDaskError, ConnectionError):
+    """No Dask scheduler answered at the given address within Dask's connect timeout."""
 
 
 class DispatchError(ConfigurationError):
@@ -179,13 +191,20 @@ class RemoteError(TwinkleDaskError, RuntimeError):
         The qualified name of the original exception type.
     remote_traceback : str
         The traceback text captured on the worker.
+    reason : str
+        Why the original type could not be rebuilt here.
     """
 
-    def __init__(self, type_name: str, message: str, remote_traceback: str = "") -> None:
+    def __init__(self, type_name: str, message: str, remote_traceback: str = "", reason: str = "") -> None:
         self.type_name = type_name
         self.message = message
         self.remote_traceback = remote_traceback
-        super().__init__(type_name, message, remote_traceback)
+        self.reason = reason
+        super().__init__(type_name, message, remote_traceback, reason)
 
     def __str__(self) -> str:
-        return f"{self.type_name}: {self.message}"
+        text = f"{self.type_name}: {self.message}"
+        if self.reason:
+            short = self.type_name.rsplit(".", 1)[-1]
+            text += f" ({short} could not be rebuilt in the driver: {self.reason})"
+        return text

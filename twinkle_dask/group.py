@@ -466,9 +466,9 @@ class _HandleIterator:
         self._done = False
         self._bar = None
         if progress.enabled():
-            cls = type(handle)._twinkle_cls
-            total = len(handle) if hasattr(cls, "__len__") else None
-            self._bar = progress.bar(total, f"{cls.__name__} batches")
+            # No total: __len__ would be one more remote call, and a loader's length may be
+            # unknown or raise; the bar counts batches as they come.
+            self._bar = progress.bar(None, f"{type(handle)._twinkle_cls.__name__} batches")
 
     def __iter__(self) -> _HandleIterator:
         return self

@@ -132,11 +132,12 @@ class Job:
 class RankOutcome:
     """A finished call on this rank: its value (kept for fetches) or its error."""
 
-    __slots__ = ("error", "meta", "ok", "packed", "stop", "value")
+    __slots__ = ("error", "meta", "name", "ok", "packed", "stop", "value")
 
     def __init__(self, ok: bool, value: Any = None, meta: Meta | None = None, packed: Any = None,
-                 error: dict[str, Any] | None = None, stop: bool = False) -> None:
+                 error: dict[str, Any] | None = None, stop: bool = False, name: str = "") -> None:
         self.ok = ok
+        self.name = name
         self.value = value
         self.meta = meta
         self.packed = packed
@@ -384,13 +385,13 @@ class RankHost:
 
     def _ok(self, value: Any, inline: int, name: str) -> RankOutcome:
         packed = None
-        if inline == INLINE_ALL or (inline == INLINE_SMALL and sizeof(value) <= INLINE_BYTES):
+        if inline == INLINE_ALL or (inline == INLINE_SMALL and _small(value)):
             try:
-                packed = pack(value, f"the result of {self.label}.{name} on rank {self.identity.rank}")
+                packed = pack(value, result_name(self.label, name, self.identity.rank))
             except SerializationError:
                 if inline == INLINE_ALL:
                     raise
-        return RankOutcome(True, value, Meta.of(value), packed)
+        return RankOutcome(True, value, Meta.of(value), packed, name=name)
 
     def _run_async(self, awaitable: Any) -> Any:
         if self._aloop is None:
@@ -406,6 +407,19 @@ def _default_group_initialized() -> bool:
 def _second_init(exc: BaseException) -> bool:
     """Whether ``exc`` is torch's refusal to initialize the default process group a second time."""
     return isinstance(exc, (RuntimeError, ValueError)) and "default process group twice" in str(exc)
+
+
+def result_name(label: str, method: str, rank: int) -> str:
+    """How serialization errors name a result: the same for inline replies and fetches."""
+    return f"the result of {label}.{method} on rank {rank}"
+
+
+def _small(value: Any) -> bool:
+    """Whether ``value`` is small enough to travel with the reply."""
+    try:
+        return bool(sizeof(value) <= INLINE_BYTES)
+    except RecursionError:  # nested too deep to measure: pickling it will say so
+        return True
 
 
 def _free_port() -> int:
@@ -536,7 +550,7 @@ class TwinkleWorker:
                 end.reply(msg["i"], ok=False, **(outcome.error or {}))
                 return
             value = extract(outcome.value, msg.get("p") or (), msg.get("r"))
-            packed = pack(value, f"the result of {host.label}")
+            packed = pack(value, result_name(host.label, outcome.name, host.identity.rank))
             self.stats["fetches"] += 1
             self.stats["fetch_bytes"] += packed.nbytes
             end.reply(msg["i"], ok=True, v=packed)
