@@ -271,6 +271,81 @@ class Talker:
 
 
 @remote_class()
+class Reducer:
+    """A torch.distributed user guarded as Twinkle's models are: joins the default group once."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", init_method="env://")
+
+    @remote_function(dispatch="all", collect="first")
+    def all_reduce(self, value: float, pause: float = 0.0):
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([value])
+        if pause and twinkle.get_rank() == 0:
+            time.sleep(pause)  # rank 0 arrives late: the other ranks wait inside the collective
+        dist.all_reduce(t)
+        return float(t.item())
+
+
+@remote_class()
+class EnvWatcher:
+    """Reads its identity at the start and at the end of a call that takes a while."""
+
+    @remote_function(dispatch="all")
+    def watch(self, seconds: float):
+        before = {k: os.environ.get(k) for k in IDENTITY_VARS}
+        time.sleep(seconds)
+        after = {k: os.environ.get(k) for k in IDENTITY_VARS}
+        return {"before": before, "after": after, "rank": twinkle.get_rank()}
+
+
+@remote_class()
+class Drawer:
+    """Draws from every random stream of its process (random, numpy, torch)."""
+
+    @remote_function(dispatch="all")
+    def draw(self, n: int = 3):
+        import torch
+
+        return {"random": [random.random() for _ in range(n)], "numpy": np.random.rand(n).tolist(),
+                "torch": torch.rand(n).tolist()}
+
+
+@remote_class()
+class Caller:
+    """Calls another component from inside its own methods."""
+
+    @remote_function(dispatch="all", collect="first")
+    def relay(self, other, value):
+        return {"got": other.recv.options(dispatch="all", collect="first")(value), "pid": os.getpid()}
+
+
+@remote_class()
+class Holder:
+    """Takes large arguments and reports its worker's memory."""
+
+    @remote_function(dispatch="all", collect="first")
+    def take(self, array):
+        return int(array.nbytes)
+
+    @remote_function(dispatch="all", collect="first")
+    def rss(self):
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+
+@remote_class(execute="first")
+class FirstWatcher(EnvWatcher):
+    """An EnvWatcher built on the group's first rank only (a DataLoader's place)."""
+
+
+@remote_class()
 class Rendezvous:
     """Joins torch.distributed in ``__init__`` (gloo, env://); rank ``die_rank`` dies before joining."""
 

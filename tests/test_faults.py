@@ -285,7 +285,7 @@ def test_constructor_timeout_names_the_ranks_and_frees_the_workers():
 @pytest.mark.parametrize("bad", [0, -1, "soon", True])
 def test_constructor_timeout_is_validated(bad):
     with local_session(model=1):
-        with pytest.raises(ConfigurationError, match=rf"timeout={bad!r}"):
+        with pytest.raises(ConfigurationError, match=rf"timeout must be None or a number of seconds > 0, got {bad!r}"):
             Echo(remote_group="model", timeout=bad)
 
 

@@ -52,7 +52,7 @@ def test_the_default_memory_limit_is_dasks_automatic_one():
 
 @pytest.mark.parametrize("bad", ["lots", -1, [4], True])
 def test_memory_limit_is_validated_before_anything_starts(bad):
-    with pytest.raises(ConfigurationError, match=r"memory_limit=.*'auto'"):
+    with pytest.raises(ConfigurationError, match=r"memory_limit must be 'auto'.*, got "):
         twinkle.initialize("dask", groups=[twinkle.DeviceGroup(name="g", ranks=1, device_type="cpu")],
                            memory_limit=bad)
 

@@ -16,8 +16,11 @@ from .decorators import remote_class, remote_function
 from .dispatch import register_dispatch
 from .exceptions import (
     CallTimeoutError,
+    ClusterUnreachableError,
+    ColocationError,
     ComponentClosedError,
     ConfigurationError,
+    ConfigurationTypeError,
     DispatchError,
     NotInitializedError,
     NotRemoteMethodError,
@@ -41,8 +44,11 @@ __version__ = "0.1.0"
 __all__ = [
     "USE_DEFAULT",
     "CallTimeoutError",
+    "ClusterUnreachableError",
+    "ColocationError",
     "ComponentClosedError",
     "ConfigurationError",
+    "ConfigurationTypeError",
     "DeviceGroup",
     "DeviceMesh",
     "DispatchError",

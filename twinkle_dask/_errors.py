@@ -1,7 +1,20 @@
-"""Carrying exceptions from a worker to the driver with their original type."""
+"""Carrying exceptions from a worker to the driver with their original type.
+
+An exception travels pickled as a whole when it survives a pickle round trip
+on the worker (cloudpickle, so classes defined in ``__main__`` or in a function
+travel by value). Many exception classes do not: pickle rebuilds an exception
+as ``cls(*exc.args)``, which fails when ``__init__`` takes other arguments than
+it passes to ``super().__init__``. Those travel as their class, ``args`` and
+``__dict__`` and are rebuilt with ``cls.__new__(cls)`` (what ``tblib`` and
+``distributed`` do). ``BaseException`` subclasses (``KeyboardInterrupt``,
+``SystemExit``, a user's ``Abort(BaseException)``) travel the same way. When
+the driver cannot rebuild the type at all, it raises :class:`RemoteError`,
+which says why and keeps the type name, message and remote traceback.
+"""
 
 from __future__ import annotations
 
+import pickle
 import traceback
 from typing import Any
 
@@ -9,6 +22,18 @@ from .channel import pack, unpack
 from .exceptions import RemoteError
 
 NOTE = "[twinkle_dask]"
+
+
+def _picklable_state(exc: BaseException) -> dict[str, Any]:
+    """The entries of ``exc.__dict__`` that pickle (an exception may hold a socket, a lock, ...)."""
+    state = {}
+    for key, value in getattr(exc, "__dict__", {}).items():
+        try:
+            pack(value)
+        except Exception:
+            continue
+        state[key] = value
+    return state
 
 
 def encode_error(exc: BaseException) -> dict[str, Any]:
@@ -19,28 +44,61 @@ def encode_error(exc: BaseException) -> dict[str, Any]:
         "msg": str(exc),
         "tb": tb,
     }
-    if isinstance(exc, Exception):
-        try:
-            fields["e"] = pack(exc.with_traceback(None), "exception")
-        except Exception:
-            pass
+    bare = exc.with_traceback(None)
+    try:
+        blob = pack(bare, "exception")
+        if type(unpack(blob)) is type(exc):  # survives the round trip: send it whole
+            fields["e"] = blob
+            return fields
+    except Exception:
+        pass
+    try:
+        fields["es"] = pack((type(exc), exc.args, _picklable_state(exc)), "exception state")
+    except Exception as err:  # the class itself cannot be pickled
+        fields["why"] = f"{type(exc).__name__} cannot be pickled on the worker ({type(err).__name__}: {err})"
     return fields
+
+
+def _rebuild(fields: dict[str, Any]) -> BaseException:
+    """The exception described by ``fields``; raises if it cannot be rebuilt here."""
+    if fields.get("e") is not None:
+        exc = unpack(fields["e"])
+    elif fields.get("es") is not None:
+        cls, args, state = unpack(fields["es"])
+        exc = cls.__new__(cls)
+        exc.args = args
+        if hasattr(exc, "__dict__"):
+            exc.__dict__.update(state)
+    else:
+        raise pickle.UnpicklingError(fields.get("why") or "the worker sent no pickled exception")
+    if not isinstance(exc, BaseException):
+        raise TypeError(f"the worker sent a {type(exc).__name__}, not an exception")
+    if isinstance(exc, (SystemExit, StopIteration)) and exc.args:
+        # Their __init__ derives an attribute from args; unpickling does not run it.
+        field = "code" if isinstance(exc, SystemExit) else "value"
+        setattr(exc, field, exc.args[0] if len(exc.args) == 1 else exc.args)
+    return exc
+
+
+def _why(err: BaseException) -> str:
+    if isinstance(err, ModuleNotFoundError) and err.name:
+        return f"module {err.name!r} is not importable here"
+    if isinstance(err, pickle.UnpicklingError) and not isinstance(err.__cause__, BaseException):
+        return str(err)
+    return f"{type(err).__name__}: {err}"
 
 
 def decode_error(fields: dict[str, Any], *notes: str) -> BaseException:
     """Rebuild the exception described by ``fields``, with ``notes`` attached.
 
-    Falls back to :class:`RemoteError` when the original type cannot be
-    rebuilt here (not importable, or not picklable).
+    Falls back to :class:`RemoteError`, which says why, when the original
+    type cannot be rebuilt here (not importable, or not picklable).
     """
-    exc: BaseException | None = None
-    if fields.get("e") is not None:
-        try:
-            exc = unpack(fields["e"])
-        except Exception:
-            exc = None
-    if not isinstance(exc, Exception):
-        exc = RemoteError(fields.get("tn", "Exception"), fields.get("msg", ""), fields.get("tb", ""))
+    type_name = fields.get("tn", "Exception")
+    try:
+        exc = _rebuild(fields)
+    except Exception as err:
+        exc = RemoteError(type_name, fields.get("msg", ""), fields.get("tb", ""), reason=_why(err))
     for note in notes:
         if note:
             exc.add_note(f"{NOTE} {note}")

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["seed_everything"]
+__all__ = ["seed_everything", "seed_on_import", "set_determinism"]
 
 _pending: dict[str, Any] = {}
 _lock = threading.Lock()
@@ -28,10 +28,14 @@ _lock = threading.Lock()
 def _seed_torch(torch: Any, seed: int, full_determinism: bool) -> None:
     torch.manual_seed(seed)
     if full_determinism:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        if hasattr(torch, "backends") and hasattr(torch.backends, "cudnn"):
-            torch.backends.cudnn.deterministic = True
-            torch.backends.cudnn.benchmark = False
+        _deterministic_torch(torch)
+
+
+def _deterministic_torch(torch: Any) -> None:
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if hasattr(torch, "backends") and hasattr(torch.backends, "cudnn"):
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
 
 
 class _TorchSeedFinder(importlib.abc.MetaPathFinder):
@@ -67,6 +71,20 @@ def seed_everything(seed: int, full_determinism: bool = False) -> None:
     if torch is not None and hasattr(torch, "manual_seed"):
         _seed_torch(torch, seed, full_determinism)
         return
+    seed_on_import(seed, full_determinism)
+
+
+def set_determinism(full_determinism: bool) -> None:
+    """Ask an imported torch for deterministic kernels (process-wide; see :func:`seed_on_import` otherwise)."""
+    if not full_determinism:
+        return
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "use_deterministic_algorithms"):
+        _deterministic_torch(torch)
+
+
+def seed_on_import(seed: int, full_determinism: bool = False) -> None:
+    """Seed torch with ``seed`` the moment something imports it (torch not imported yet)."""
     with _lock:
         _pending.update(seed=seed, full_determinism=full_determinism)
         if not any(isinstance(f, _TorchSeedFinder) for f in sys.meta_path):

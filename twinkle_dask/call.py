@@ -23,7 +23,7 @@ from typing import Any
 from .caller import Caller
 from .channel import pack
 from .dispatch import Dispatcher
-from .exceptions import ComponentClosedError
+from .exceptions import ComponentClosedError, SerializationError
 from .futures import CallInfo, LazyResult
 from .lazy import KEEP, LazySource, contains, replace
 from .mesh import DeviceMesh
@@ -124,11 +124,17 @@ def _inspected_lazy(dispatcher: Dispatcher, args: tuple[Any, ...], kwargs: dict[
     if any(isinstance(v, LazySource) for v in values):
         return True
     if dispatcher.inspects == "dicts":
-
-        def in_dicts(v: Any) -> bool:
-            return isinstance(v, dict) and any(isinstance(x, LazySource) or in_dicts(x) for x in v.values())
-
-        return any(in_dicts(v) for v in values)
+        stack, seen = [v for v in values if isinstance(v, dict)], set()
+        while stack:  # dict values, recursively (iterative: deep and self-referential dicts too)
+            d = stack.pop()
+            if id(d) in seen:
+                continue
+            seen.add(id(d))
+            for x in d.values():
+                if isinstance(x, LazySource):
+                    return True
+                if isinstance(x, dict):
+                    stack.append(x)
     return False
 
 
@@ -167,7 +173,13 @@ def invoke(
         pairs = [(args, kwargs)] * n
         remote_dispatch = pack((spec.dispatcher, n, target.mesh), f"dispatch {spec.dispatcher.name!r}")
     else:
-        pairs = spec.dispatcher(n, args, kwargs, target.mesh)
+        try:
+            pairs = spec.dispatcher(n, args, kwargs, target.mesh)
+        except RecursionError:
+            raise SerializationError(
+                f"the arguments of {target.label}.{spec.name} are nested too deep (or contain themselves) for "
+                f"dispatch {spec.dispatcher.name!r} to split them; pass flatter data, or dispatch='all'"
+            ) from None
     packed: dict[tuple[int, int], Any] = {}
     payloads = []
     what = f"the arguments of {target.label}.{spec.name}"
@@ -198,11 +210,14 @@ def invoke(
     result = LazyResult._create(caller, info, held, notify)
     method = remote_name or spec.name
     msgs = []
+    nested = caller.nested is not None and caller.nested()  # made by component code
     for slot, payload in enumerate(payloads):
         msg = {"t": "call", "c": target.cid, "k": call_id, "m": method, "p": payload,
                "keep": keep, "inl": inline, "lz": has_sources}
         if remote_dispatch is not None:
             msg["rd"], msg["ri"] = remote_dispatch, slot
+        if nested:
+            msg["x"] = True
         msgs.append(msg)
 
     def send() -> None:

@@ -25,6 +25,12 @@ __all__ = ["Caller"]
 logger = logging.getLogger(__name__)
 
 
+def _block(fut: concurrent.futures.Future[Any], timeout: float | None) -> None:
+    done, _ = concurrent.futures.wait([fut], timeout)
+    if not done:
+        raise concurrent.futures.TimeoutError
+
+
 class Caller:
     """Issues requests to workers from one process.
 
@@ -59,6 +65,12 @@ class Caller:
         self._id_lock = threading.Lock()
         self._releases: dict[str, list[tuple[str, int]]] = defaultdict(list)
         self._release_scheduled = False
+        #: Waits for a future to finish (``TimeoutError`` past the timeout). A worker's executor
+        #: replaces it so that component code waiting on a call runs nested calls meanwhile.
+        self.block: Callable[[concurrent.futures.Future[Any], float | None], None] = _block
+        #: Whether a call made from this thread now is made by component code (a worker's
+        #: executor): such calls are nested on the receiving worker. None in the driver.
+        self.nested: Callable[[], bool] | None = None
 
     # ------------------------------------------------------------------ ids
     def next_call_id(self) -> int:

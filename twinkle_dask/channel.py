@@ -66,11 +66,12 @@ def pack(obj: Any, what: str = "value") -> Blob:
     try:
         return dumps_blob(obj)
     except Exception as exc:
-        raise SerializationError(
-            f"cannot serialize {what}: {type(exc).__name__}: {exc}. Everything passed to or "
-            f"returned from a remote method must be picklable (cloudpickle); pass plain data, or "
-            f"build the object inside the component instead."
-        ) from exc
+        if isinstance(exc, RecursionError) or "recursion" in str(exc):
+            fix = "it is nested too deep for pickle: pass flatter data (or raise sys.setrecursionlimit)."
+        else:
+            fix = ("everything passed to or returned from a remote method must be picklable (cloudpickle); "
+                   "pass plain data, or build the object inside the component instead.")
+        raise SerializationError(f"cannot serialize {what}: {type(exc).__name__}: {exc}. Fix: {fix}") from exc
 
 
 def unpack(obj: Any) -> Any:

@@ -16,26 +16,31 @@ import logging
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import dask.config
 import psutil
-from distributed import Client, Scheduler, SpecCluster
+from distributed import Client, Scheduler, Security, SpecCluster
+from distributed.comm.addressing import parse_address, parse_host_port
+from distributed.comm.registry import get_backend
 from distributed.deploy.spec import ProcessInterface
 from distributed.worker_memory import parse_memory_limit
 
 from .dashboard import TwinkleSchedulerPlugin
-from .exceptions import ConfigurationError
+from .exceptions import ClusterUnreachableError, ConfigurationError, ConfigurationTypeError
 from .mesh import ResolvedGroup
 from .runtime import GroupPlacement
 from .worker import TwinklePlugin
 
 __all__ = [
     "ClusterConnection",
+    "check_cluster_options",
     "connect_cluster",
     "resolve_memory_limit",
     "resource_name",
@@ -64,6 +69,8 @@ class ClusterConnection:
     placements: dict[str, GroupPlacement]
     owns_client: bool
     zygote: Zygote | None = None
+    #: A private folder holding in-memory TLS keys and certificates as files for the workers.
+    tls_dir: tempfile.TemporaryDirectory[str] | None = None
 
 
 def restart_delay(restarts: int) -> float:
@@ -134,7 +141,7 @@ class WorkerProcess(ProcessInterface):
         proc.terminate()
         try:
             await asyncio.wait_for(proc.wait(), grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await proc.wait()
 
@@ -152,7 +159,7 @@ class WorkerProcess(ProcessInterface):
             proc.terminate()
             try:
                 await asyncio.wait_for(proc.wait(), 5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 proc.kill()
                 await proc.wait()
         self.process = None
@@ -194,7 +201,7 @@ class Zygote:
             proc.stdin.write(json.dumps({"op": "stop", "grace": grace}).encode() + b"\n")
             await proc.stdin.drain()
             await asyncio.wait_for(proc.wait(), grace + 5)
-        except (asyncio.TimeoutError, ConnectionError, BrokenPipeError):
+        except (TimeoutError, ConnectionError, BrokenPipeError):
             proc.kill()
             await proc.wait()
 
@@ -316,12 +323,15 @@ def resolve_memory_limit(value: Any) -> int:
     Raises
     ------
     ConfigurationError
-        For anything else.
+        For another value (``ConfigurationTypeError``, also a ``TypeError``, for another type).
     """
+    valid = ("'auto' (Dask's default), bytes (4294967296 or '4GiB'), a fraction of the machine's memory (0.5), "
+             "or None/0 for no limit")
     if value is None:
         return 0
-    bad = isinstance(value, bool) or not isinstance(value, (int, float, str)) or (
-        isinstance(value, (int, float)) and value < 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigurationTypeError(f"initialize: memory_limit must be {valid}, got {value!r}")
+    bad = isinstance(value, (int, float)) and value < 0
     parsed: int | None = None
     if not bad:
         try:
@@ -329,11 +339,65 @@ def resolve_memory_limit(value: Any) -> int:
         except (TypeError, ValueError):
             bad = True
     if bad:
-        raise ConfigurationError(
-            f"memory_limit={value!r} is not a memory size; give 'auto' (Dask's default), bytes (4294967296 "
-            f"or '4GiB'), a fraction of the machine's memory (0.5), or None/0 for no limit"
-        )
+        raise ConfigurationError(f"initialize: memory_limit must be {valid}, got {value!r}")
     return parsed or 0
+
+
+def _write_private(folder: str, name: str, text: str) -> str:
+    path = os.path.join(folder, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+_TLS_VERSIONS = {ssl.TLSVersion.TLSv1_2: 1.2, ssl.TLSVersion.TLSv1_3: 1.3}
+
+
+def check_local_security(security: Security) -> None:
+    """Raise ``ConfigurationError`` if ``security`` lacks a certificate a local TLS cluster needs."""
+    needed = ("tls_ca_file", "tls_scheduler_cert", "tls_worker_cert", "tls_client_cert")
+    missing = [field for field in needed if not getattr(security, field)]
+    if missing:
+        raise ConfigurationError(
+            f"initialize: security={security!r} lacks {missing} for a local TLS cluster (its scheduler, "
+            f"workers and client each need a certificate signed by the CA); pass Security.temporary() or "
+            f"security=True for temporary ones, or Security(tls_ca_file=..., tls_scheduler_cert=..., "
+            f"tls_worker_cert=..., tls_client_cert=..., ...)"
+        )
+
+
+def tls_worker_env(security: Security) -> tuple[dict[str, str], tempfile.TemporaryDirectory[str] | None]:
+    """Dask configuration variables that give worker processes ``security``, as Dask reads them.
+
+    Keys and certificates held in memory (``Security.temporary()``) are written
+    to a private folder (mode 0700, files 0600) that the caller removes at
+    shutdown; the workers then read the files, as they would the files of a
+    ``Security`` built from paths.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``security`` lacks what a local cluster needs.
+    """
+    check_local_security(security)
+    folder: tempfile.TemporaryDirectory[str] | None = None
+    env = {"DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": str(bool(security.require_encryption))}
+    fields = ("CA_FILE", "WORKER__CERT", "WORKER__KEY", "CLIENT__CERT", "CLIENT__KEY", "CIPHERS")
+    for name in fields:
+        value = getattr(security, "tls_" + name.lower().replace("__", "_"))  # Security's slots, e.g. tls_worker_cert
+        if not value:
+            continue
+        if name != "CIPHERS" and "\n" in value:  # PEM text held in memory: hand it over as a private file
+            if folder is None:
+                folder = tempfile.TemporaryDirectory(prefix="twinkle-dask-tls-")
+            value = _write_private(folder.name, name.lower().replace("__", "-").replace("_", "-") + ".pem", value)
+        env[f"DASK_DISTRIBUTED__COMM__TLS__{name}"] = value
+    for field, var in (("tls_min_version", "MIN_VERSION"), ("tls_max_version", "MAX_VERSION")):
+        version = _TLS_VERSIONS.get(getattr(security, field))
+        if version is not None:
+            env[f"DASK_DISTRIBUTED__COMM__TLS__{var}"] = str(version)
+    return env, folder
 
 
 def start_local_cluster(
@@ -342,6 +406,7 @@ def start_local_cluster(
     dashboard_address: str | None = "127.0.0.1:8787",
     simulate_gpus: bool = False,
     start_timeout: float = 120.0,
+    security: Security | bool | None = None,
     memory_limit: int = 0,
 ) -> ClusterConnection:
     """Start a scheduler in this process and one worker subprocess per group rank.
@@ -350,7 +415,18 @@ def start_local_cluster(
     rotated so each worker's own GPU is device 0); ``gpus_per_worker > 1``
     workers get their devices first. With ``simulate_gpus`` GPU groups run as
     CPU workers with exactly the environment and tags a GPU worker would get.
+    With ``security`` (a ``distributed.Security``, or True for
+    ``Security.temporary()``) the scheduler, the workers and every twinkle
+    channel speak TLS.
     """
+    if security is True:
+        security = Security.temporary()
+    tls_env: dict[str, str] = {}
+    tls_dir = None
+    if isinstance(security, Security):
+        tls_env, tls_dir = tls_worker_env(security)
+    else:
+        security = None
     gpu_groups = [g for g in groups if g.is_gpu]
     if gpu_groups and not simulate_gpus:
         have = gpu_count()
@@ -369,6 +445,7 @@ def start_local_cluster(
             "port": 0,
             "dashboard": dashboard_address is not None,
             "dashboard_address": dashboard_address or ":0",
+            **({"protocol": "tls://", "security": security} if security is not None else {}),
         },
     }
     workers: dict[str, Any] = {}  # dask-cuda subprocesses, managed by the SpecCluster
@@ -382,14 +459,20 @@ def start_local_cluster(
             for index in range(group.num_workers)
         }
         for name, spec in specs.items():
+            spec["options"]["env"].update(tls_env)
             if spec["options"].get("cuda"):
                 spec["options"]["memory_limit"] = memory_limit
                 workers[name] = spec
             else:
                 forked.append((name, spec["options"]["resources"], spec["options"]["env"]))
     total = sum(g.num_workers for g in groups)
-    cluster = SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING,
-                          name="twinkle-dask", asynchronous=False)
+    try:
+        cluster = SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING,
+                              name="twinkle-dask", asynchronous=False, security=security)
+    except BaseException:
+        if tls_dir is not None:
+            tls_dir.cleanup()
+        raise
     zygote = Zygote(memory_limit)
     try:
         if forked:
@@ -402,8 +485,10 @@ def start_local_cluster(
         _install_scheduler_plugin(client)
     except BaseException:
         stop_local_cluster(cluster, 10, zygote)
+        if tls_dir is not None:
+            tls_dir.cleanup()
         raise
-    return ClusterConnection(client, cluster, placements, owns_client=True, zygote=zygote)
+    return ClusterConnection(client, cluster, placements, owns_client=True, zygote=zygote, tls_dir=tls_dir)
 
 
 async def _stop_workers(cluster: SpecCluster, grace: float, zygote: Zygote | None) -> None:
@@ -450,6 +535,57 @@ def _install_scheduler_plugin(client: Client) -> None:
                        "install twinkle-dask where the scheduler runs", exc)
 
 
+def _check_address(name: str, value: Any, example: str, *, scheduler: bool) -> None:
+    if not isinstance(value, str):
+        raise ConfigurationTypeError(f"initialize: {name} must be a string like {example!r}, got {value!r}")
+    try:
+        scheme, location = parse_address(value) if scheduler else ("tcp", value)
+        get_backend(scheme)
+        if scheme in ("tcp", "tls"):
+            parse_host_port(location)
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"initialize: {name} {value!r} is not valid ({exc}); pass one like {example!r}"
+        ) from None
+
+
+def check_cluster_options(*, address: Any, client: Any, security: Any, dashboard_address: Any) -> None:
+    """Check ``initialize``'s cluster options before anything is started or connected.
+
+    Raises
+    ------
+    ConfigurationTypeError
+        For an option of the wrong type.
+    ConfigurationError
+        For an address that cannot be parsed or conflicting options.
+    """
+    if address is not None:
+        _check_address("address", address, "tcp://10.0.0.1:8786", scheduler=True)
+    if client is not None and not isinstance(client, Client):
+        raise ConfigurationTypeError(
+            f"initialize: client must be a distributed.Client, got {client!r}; pass client=Client(...), "
+            f"or address='tcp://host:8786' to connect to a scheduler"
+        )
+    if address is not None and client is not None:
+        raise ConfigurationError(
+            f"initialize: pass address or client, not both (got address={address!r} and client={client!r})"
+        )
+    if security is not None and security is not True and not isinstance(security, Security):
+        raise ConfigurationTypeError(
+            f"initialize: security must be a distributed.Security (e.g. Security.temporary()), True for a "
+            f"temporary one, or None, got {security!r}"
+        )
+    if security is True and (address is not None or client is not None):
+        raise ConfigurationError(
+            "initialize: security=True makes temporary certificates for a local cluster; to connect to an "
+            "existing cluster pass distributed.Security(tls_ca_file=..., tls_client_cert=..., tls_client_key=...)"
+        )
+    if isinstance(security, Security) and address is None and client is None:
+        check_local_security(security)
+    if dashboard_address is not None:
+        _check_address("dashboard_address", dashboard_address, "127.0.0.1:8787", scheduler=False)
+
+
 def connect_cluster(
     groups: Sequence[ResolvedGroup],
     *,
@@ -468,7 +604,14 @@ def connect_cluster(
                 f"the scheduler at {address} speaks TLS: pass security=distributed.Security(tls_ca_file=..., "
                 f"tls_client_cert=..., tls_client_key=..., require_encryption=True) to initialize()"
             )
-        client = Client(address, security=security, direct_to_workers=True, set_as_default=False)
+        try:
+            client = Client(address, security=security, direct_to_workers=True, set_as_default=False)
+        except OSError as exc:  # Dask's connect timeout passed (distributed.comm.timeouts.connect)
+            raise ClusterUnreachableError(
+                f"no Dask scheduler answered at {address!r} ({exc}). Check the address and port, that the "
+                f"scheduler runs (`dask scheduler`) and that this machine can reach it; or omit address to "
+                f"start a local cluster"
+            ) from exc
     try:
         try:
             client.register_plugin(TwinklePlugin(), name=TwinklePlugin.name)

@@ -7,7 +7,9 @@ ValueError`` keeps working when porting code::
 
     TwinkleDaskError
     ├── ConfigurationError (ValueError)      bad option, group, mesh or name
+    │   ├── ConfigurationTypeError (TypeError) an option of the wrong type
     │   └── DispatchError                    inputs that cannot be dispatched
+    ├── ClusterUnreachableError (ConnectionError) no scheduler at the address
     ├── NotInitializedError (RuntimeError)   no session, or a shut-down one
     ├── NotRemoteMethodError (AttributeError) undecorated method on a handle
     ├── SerializationError (TypeError)       an argument or result that cannot travel
@@ -15,6 +17,7 @@ ValueError`` keeps working when porting code::
     ├── WorkerLostError (RuntimeError)       a worker died or cannot be reached
     ├── WorkerRestartError (RuntimeError)    a worker could not be restarted
     ├── ComponentClosedError (RuntimeError)  a call on a closed component
+    ├── ColocationError (RuntimeError)       colocated components that cannot share their process
     └── RemoteError (RuntimeError)           a remote exception whose type
                                              cannot be rebuilt in the driver
 
@@ -29,8 +32,11 @@ from collections.abc import Sequence
 
 __all__ = [
     "CallTimeoutError",
+    "ClusterUnreachableError",
+    "ColocationError",
     "ComponentClosedError",
     "ConfigurationError",
+    "ConfigurationTypeError",
     "DispatchError",
     "NotInitializedError",
     "NotRemoteMethodError",
@@ -48,6 +54,14 @@ class TwinkleDaskError(Exception):
 
 class ConfigurationError(TwinkleDaskError, ValueError):
     """An option, group, mesh or strategy name is not valid."""
+
+
+class ConfigurationTypeError(ConfigurationError, TypeError):
+    """An option has the wrong type (also a ``TypeError``)."""
+
+
+class ClusterUnreachableError(TwinkleDaskError, ConnectionError):
+    """No Dask scheduler answered at the given address within Dask's connect timeout."""
 
 
 class DispatchError(ConfigurationError):
@@ -163,6 +177,33 @@ class ComponentClosedError(TwinkleDaskError, RuntimeError):
     """A call was made on a component that was closed or whose session ended."""
 
 
+class ColocationError(TwinkleDaskError, RuntimeError):
+    """A component cannot share its rank's process with the components already built there.
+
+    Raised at construction when a component initializes torch.distributed's
+    default process group in a worker where a colocated component already did.
+    """
+
+    def __init__(self, component: str, rank: int, group: str, owner: str | None) -> None:
+        self.component = component
+        self.rank = rank
+        self.group = group
+        self.owner = owner
+        super().__init__(component, rank, group, owner)
+
+    def __str__(self) -> str:
+        owner = f" by {self.owner}" if self.owner else ""
+        return (
+            f"{self.component}.__init__ on rank {self.rank} of group {self.group!r} called "
+            f"torch.distributed.init_process_group, but this rank's default process group was "
+            f"already initialized{owner}. The components of a group share their rank's process, "
+            f"and with it torch.distributed's default process group. Guard the call: "
+            f"`if not dist.is_initialized(): dist.init_process_group(...)` (the group is then "
+            f"shared, as the ranks and world size are the same), or build the component in a "
+            f"group of its own."
+        )
+
+
 class RemoteError(TwinkleDaskError, RuntimeError):
     """A remote exception whose original type could not be rebuilt in the driver.
 
@@ -172,13 +213,20 @@ class RemoteError(TwinkleDaskError, RuntimeError):
         The qualified name of the original exception type.
     remote_traceback : str
         The traceback text captured on the worker.
+    reason : str
+        Why the original type could not be rebuilt here.
     """
 
-    def __init__(self, type_name: str, message: str, remote_traceback: str = "") -> None:
+    def __init__(self, type_name: str, message: str, remote_traceback: str = "", reason: str = "") -> None:
         self.type_name = type_name
         self.message = message
         self.remote_traceback = remote_traceback
-        super().__init__(type_name, message, remote_traceback)
+        self.reason = reason
+        super().__init__(type_name, message, remote_traceback, reason)
 
     def __str__(self) -> str:
-        return f"{self.type_name}: {self.message}"
+        text = f"{self.type_name}: {self.message}"
+        if self.reason:
+            short = self.type_name.rsplit(".", 1)[-1]
+            text += f" ({short} could not be rebuilt in the driver: {self.reason})"
+        return text

@@ -8,16 +8,21 @@ import html
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
+import dask
+from dask.utils import parse_timedelta
+
 from . import progress
+from ._checks import check_timeout
 from ._errors import add_note, decode_error
 from .caller import Caller
 from .channel import unpack
 from .collect import MISSING, Collector, collect
-from .exceptions import CallTimeoutError, WorkerLostError
+from .exceptions import CallTimeoutError, SerializationError, WorkerLostError
 from .lazy import LazySource, Meta
 from .mesh import DeviceMesh
 
@@ -95,6 +100,18 @@ class Outcome:
             self.value = unpack(self.packed)
             self.packed = None
         return self.value
+
+
+def _lowest_rank_wait() -> float:
+    """Seconds a failed call waits for its lower ranks (``twinkle-dask.lowest-rank-wait``)."""
+    return float(parse_timedelta(dask.config.get("twinkle-dask.lowest-rank-wait", "5s")))
+
+
+def _settle(ref: weakref.ref[LazyResult]) -> None:
+    """End the wait for a failed call's lower ranks (weakly held: a dropped result is freed at once)."""
+    result = ref()
+    if result is not None and not result._done.done():
+        result._done.set_result(None)
 
 
 def _call_site_note(site: str | None) -> str:
@@ -195,9 +212,26 @@ class LazyResult:
             failed = [i for i, o in enumerate(self._outcomes) if o is not None and not o.ok]
             if failed and self._notify is not None:
                 self._notify(self._failure_message(failed))
-        if not self._done.done() and (self._remaining == 0 or not outcome.ok):
-            # A failed rank fails the call at once: nobody waits for the others to finish.
+        if self._done.done():
+            return
+        if self._remaining == 0 or self._lowest_failure_known() or isinstance(outcome.error, WorkerLostError):
+            # Settled: every rank answered, or the lowest failed rank is known (every rank below
+            # it answered), or a worker was lost (the call can never finish: fail it at once).
             self._done.set_result(None)
+        elif not outcome.ok:
+            # A failed rank whose lower ranks still run: they could fail too, and the lowest
+            # rank's error is the one raised. Wait for them, but not forever (they may be blocked
+            # in a collective that the failed rank will never join).
+            fut.get_loop().call_later(_lowest_rank_wait(), _settle, weakref.ref(self))
+
+    def _lowest_failure_known(self) -> bool:
+        """Whether some rank failed and every rank below it has answered."""
+        for outcome in self._outcomes:
+            if outcome is None:
+                return False
+            if not outcome.ok:
+                return True
+        return False
 
     def _failure_message(self, failed: list[int]) -> str:
         first = self._outcomes[failed[0]]
@@ -213,7 +247,12 @@ class LazyResult:
 
     # ------------------------------------------------------------------ waiting
     def done(self) -> bool:
-        """Whether every rank has answered."""
+        """Whether the call has settled: every rank answered, or its failure is known.
+
+        A failure is known once every rank below the lowest failed rank has
+        answered (or ``twinkle-dask.lowest-rank-wait`` passed), or at once when
+        a worker was lost.
+        """
         return self._done.done()
 
     def _wait(self, timeout: float | None) -> None:
@@ -222,6 +261,9 @@ class LazyResult:
             return
         first = progress.threshold()
         try:
+            if self._caller.in_worker:  # component code: the worker's executor runs nested calls meanwhile
+                self._caller.block(self._done, timeout)
+                return
             if timeout is not None and timeout <= first:
                 self._done.result(timeout)
                 return
@@ -236,6 +278,8 @@ class LazyResult:
                 return
             self._wait_with_bar(remaining)
         except concurrent.futures.TimeoutError:
+            if any(o is not None and not o.ok for o in self._outcomes):
+                return  # a rank failed while lower ranks still ran: its error, not a timeout
             pending = [self._info.ranks[i] for i, o in enumerate(self._outcomes) if o is None]
             raise CallTimeoutError(self._info.label, self._info.method, timeout or 0.0, pending) from None
 
@@ -317,7 +361,15 @@ class LazyResult:
         for slot in slots:
             outcome = self._outcomes[slot]
             assert outcome is not None
-            values.append(outcome.get())
+            try:
+                values.append(outcome.get())
+            except Exception as exc:
+                raise SerializationError(
+                    f"the result of {self._info.label}.{self._info.method} on rank {self._info.ranks[slot]} of "
+                    f"group {self._info.group!r} cannot be deserialized in the driver: {type(exc).__name__}: "
+                    f"{exc}. Return plain data (built-in types, numpy arrays, tensors) or objects of classes "
+                    f"the driver can import."
+                ) from exc
         return values
 
     def result(self, timeout: float | None = None) -> Any:
@@ -330,14 +382,19 @@ class LazyResult:
 
         Raises
         ------
+        ConfigurationError
+            If ``timeout`` is not None or a non-negative number.
         CallTimeoutError
             If some rank did not answer in time (they are named).
-        Exception
-            The first remote exception, with its original type and notes
-            naming the component, method, rank and call site.
+        BaseException
+            The lowest failed rank's remote exception, with its original type
+            and notes naming the component, method, rank and call site.
         WorkerLostError
             If a rank's worker died.
+        SerializationError
+            If a rank's result cannot be unpickled here.
         """
+        check_timeout(f"{self._info.label}.{self._info.method} result", timeout, allow_zero=True)
         with self._lock:
             if self._value_set:
                 return self._value
@@ -359,6 +416,7 @@ class LazyResult:
 
     def per_rank(self, timeout: float | None = None) -> list[Any]:
         """The uncollected per-rank results, in rank order."""
+        check_timeout(f"{self._info.label}.{self._info.method} per_rank", timeout, allow_zero=True)
         values = self._values(list(range(len(self._info.ranks))), timeout)
         self._observed = True
         return values

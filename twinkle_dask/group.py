@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import progress, runtime
+from ._checks import check_timeout
 from ._config import seconds
 from ._errors import decode_error
 from .call import CallTarget, caller_site, invoke, prepare_inputs
@@ -90,17 +91,6 @@ def peer_slice(target_size: int, rank: int, world_size: int) -> slice:
 
 
 # --------------------------------------------------------------------------- creation
-def _timeout_arg(klass: type, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigurationError(
-            f"{klass.__name__}(..., timeout={value!r}): timeout is the seconds the construction may take "
-            f"on every rank; give a positive number, or None to wait as long as the workers answer"
-        )
-    return float(value)
-
-
 @dataclass(frozen=True, slots=True)
 class BuildPlan:
     """Everything needed to build (and rebuild) a component's instances."""
@@ -124,7 +114,7 @@ def _plan(session: Any, klass: type, args: tuple[Any, ...], kwargs: dict[str, An
     kwargs = dict(kwargs)
     group = kwargs.pop("remote_group")
     kwargs.pop("instance_id", None)
-    timeout = _timeout_arg(klass, kwargs.pop("timeout", None))
+    timeout = check_timeout(f"{klass.__name__}(..., remote_group={group!r})", kwargs.pop("timeout", None))
     cspec = class_spec(klass) or ClassSpec()
     place = session.placement(group)
     n_workers = len(place.addresses)
@@ -576,9 +566,9 @@ class _HandleIterator:
         self._done = False
         self._bar = None
         if progress.enabled():
-            cls = type(handle)._twinkle_cls
-            total = len(handle) if hasattr(cls, "__len__") else None
-            self._bar = progress.bar(total, f"{cls.__name__} batches")
+            # No total: __len__ would be one more remote call, and a loader's length may be
+            # unknown or raise; the bar counts batches as they come.
+            self._bar = progress.bar(None, f"{type(handle)._twinkle_cls.__name__} batches")
 
     def __iter__(self) -> _HandleIterator:
         return self

@@ -15,6 +15,7 @@ Everything here is pure; the fetching happens in :mod:`twinkle_dask.worker`.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -23,6 +24,7 @@ import numpy as np
 
 from ._types import tensor_type
 from .collect import concat, get_collector, last_stage_indices
+from .exceptions import SerializationError
 from .mesh import DeviceMesh
 
 __all__ = [
@@ -358,13 +360,23 @@ def plan_view(source: LazySource, metas: Sequence[Meta | None]) -> LazyView | No
 
 # --------------------------------------------------------------------------- structures
 def contains(obj: Any, predicate: Callable[[Any], bool]) -> bool:
-    """Whether ``predicate`` holds for ``obj`` or anything inside its lists, tuples and dicts."""
-    if predicate(obj):
-        return True
-    if isinstance(obj, (list, tuple)):
-        return any(contains(x, predicate) for x in obj)
-    if isinstance(obj, dict):
-        return any(contains(x, predicate) for x in obj.values())
+    """Whether ``predicate`` holds for ``obj`` or anything inside its lists, tuples and dicts.
+
+    Iterative, so arguments nested deeper than Python's recursion limit are
+    walked too; a container reached twice (shared, or one that contains
+    itself) is looked into once.
+    """
+    stack = [obj]
+    seen: set[int] = set()
+    while stack:
+        x = stack.pop()
+        if predicate(x):
+            return True
+        if isinstance(x, (list, tuple, dict)):
+            if id(x) in seen:
+                continue
+            seen.add(id(x))
+            stack.extend(x.values() if isinstance(x, dict) else x)
     return False
 
 
@@ -374,25 +386,63 @@ _KEEP: Any = object()
 def replace(obj: Any, fn: Callable[[Any], Any]) -> Any:
     """Rebuild ``obj`` with ``fn(x)`` substituted wherever it returns something other than ``KEEP``.
 
-    Lists, tuples (named tuples too) and dicts are walked; their types are kept.
+    Lists, tuples (named tuples too) and dicts are walked; their types are
+    kept. A container reached twice becomes one rebuilt container reached
+    twice, so lists and dicts that contain themselves keep their cycles.
+
+    Raises
+    ------
+    SerializationError
+        For a tuple that contains itself (through a list or dict), which
+        cannot be rebuilt, or nesting deeper than Python's recursion limit.
     """
-    new = fn(obj)
-    if new is not _KEEP:
-        return new
-    if isinstance(obj, list):
-        return [replace(x, fn) for x in obj]
-    if isinstance(obj, tuple):
-        items = [replace(x, fn) for x in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-    if isinstance(obj, dict):
-        items_d = {k: replace(v, fn) for k, v in obj.items()}
-        if type(obj) is dict:
-            return items_d
+    memo: dict[int, Any] = {}
+    building: set[int] = set()
+
+    def walk(x: Any) -> Any:
+        new = fn(x)
+        if new is not _KEEP:
+            return new
+        if not isinstance(x, (list, tuple, dict)):
+            return x
+        key = id(x)
+        if key in memo:
+            return memo[key]
+        if isinstance(x, list):
+            out_l: list[Any] = []
+            memo[key] = out_l
+            out_l.extend(walk(v) for v in x)
+            return out_l
+        if isinstance(x, tuple):
+            if key in building:
+                raise SerializationError(
+                    "the arguments contain a tuple that contains itself; it cannot be rebuilt with lazy "
+                    "results swapped in: use a list there"
+                )
+            building.add(key)
+            items = [walk(v) for v in x]
+            building.discard(key)
+            memo[key] = type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
+            return memo[key]
+        if type(x) is dict:
+            out_d: dict[Any, Any] = {}
+            memo[key] = out_d
+            out_d.update((k, walk(v)) for k, v in x.items())
+            return out_d
+        items_d = {k: walk(v) for k, v in x.items()}
         try:
-            return type(obj)(items_d)
+            memo[key] = type(x)(items_d)
         except Exception:
-            return items_d
-    return obj
+            memo[key] = items_d
+        return memo[key]
+
+    try:
+        return walk(obj)
+    except RecursionError:
+        raise SerializationError(
+            f"the arguments are nested deeper than Python's recursion limit ({sys.getrecursionlimit()}); "
+            f"pass flatter data"
+        ) from None
 
 
 KEEP = _KEEP

@@ -20,6 +20,7 @@ from ._errors import add_note, decode_error
 from .channel import unpack
 from .collect import MISSING, collect
 from .dispatch import Dispatcher
+from .exceptions import SerializationError
 from .lazy import KEEP, FetchKey, LazySource, LazyView, Meta, ShardView, plan_view, replace
 from .mesh import DeviceMesh
 
@@ -67,7 +68,14 @@ class Resolver:
         reply = await self.request(address, msg)
         if not reply.get("ok"):
             raise decode_error(reply, f"input produced by {src.label} on rank {index} ({address})")
-        return unpack(reply.get("v"))
+        try:
+            return unpack(reply.get("v"))
+        except Exception as exc:
+            raise SerializationError(
+                f"the input produced by {src.label} on rank {index} ({address}) cannot be deserialized on "
+                f"worker {self.address}: {type(exc).__name__}: {exc}. Return plain data (built-in types, numpy "
+                f"arrays, tensors) or objects of classes every worker can import."
+            ) from exc
 
     def _once(self, key: Any, make: Callable[[], Awaitable[Any]]) -> asyncio.Future[Any]:
         fut = self._cache.get(key)

@@ -20,12 +20,14 @@ import psutil
 
 from . import identity as _identity
 from . import runtime
+from ._checks import check_bool, check_count, check_int, check_str, check_timeout
 from ._config import seconds
 from ._seed import seed_everything
 from .caller import Caller
 from .cluster import (
     ClusterConnection,
     _tag_worker,
+    check_cluster_options,
     connect_cluster,
     resolve_memory_limit,
     resource_name,
@@ -395,6 +397,8 @@ class DaskSession:
                 stop_local_cluster(conn.cluster, timeout, conn.zygote)
             except Exception:
                 logger.warning("twinkle_dask: closing the local cluster failed", exc_info=True)
+        if conn.tls_dir is not None:
+            conn.tls_dir.cleanup()
         _identity.restore_env(self._driver_env)
 
 
@@ -464,8 +468,12 @@ def initialize(
         Accepted for Twinkle compatibility; the groups decide the workers.
     dashboard_address : str or None, default '127.0.0.1:8787'
         Where the local cluster serves the Dask dashboard (None: no dashboard).
-    security : distributed.Security, optional
-        TLS settings for connecting to a secured scheduler.
+    security : distributed.Security or True, optional
+        TLS settings. With ``address``: for connecting to a secured
+        scheduler. For the local cluster: its scheduler, workers and every
+        twinkle channel speak TLS with these certificates (``True`` or
+        ``Security.temporary()``: a temporary self-signed set, kept in a
+        private folder removed at shutdown).
     simulate_gpus : bool, default False
         Run GPU groups of the local cluster as CPU workers that get exactly
         the CUDA_VISIBLE_DEVICES, tags and identity a GPU worker would get
@@ -487,8 +495,14 @@ def initialize(
     Raises
     ------
     ConfigurationError
-        For an unknown mode, missing or invalid groups, or a second
-        ``initialize`` with other settings before ``shutdown()``.
+        For an unknown mode, missing or invalid groups, an option out of
+        range, or a second ``initialize`` with other settings before
+        ``shutdown()``. Every option is checked before anything starts.
+    ConfigurationTypeError
+        For an option of the wrong type (also a ``TypeError``).
+    ClusterUnreachableError
+        If no scheduler answers at ``address`` within Dask's connect timeout
+        (``distributed.comm.timeouts.connect``).
 
     Examples
     --------
@@ -497,6 +511,7 @@ def initialize(
     >>> twinkle.initialize('dask', groups=[DeviceGroup(name='default', ranks=4, device_type='cpu')])  # doctest: +SKIP
     <Client: 'tcp://127.0.0.1:...' processes=4 threads=4>
     """
+    # Every option is checked before anything starts (a process, a connection, the seeding).
     if mode not in MODES:
         hint = " (twinkle_dask runs Twinkle's 'ray' mode on Dask: use mode='dask')" if mode == "ray" else ""
         raise ConfigurationError(f"unknown mode {mode!r}; valid modes are {list(MODES)}{hint}")
@@ -504,6 +519,18 @@ def initialize(
         raise ConfigurationError(f"global_device_mesh must be a DeviceMesh, got {global_device_mesh!r}")
     if notifier is not None and not callable(notifier):
         raise ConfigurationError(f"notifier must be a callable taking a string, got {notifier!r}")
+    where = "initialize"
+    check_bool(where, "lazy_collect", lazy_collect)
+    seed = check_int(where, "seed", seed)
+    check_bool(where, "full_determinism", full_determinism)
+    check_str(where, "name", name)
+    check_bool(where, "simulate_gpus", simulate_gpus)
+    nproc_per_node = check_count(where, "nproc_per_node", nproc_per_node)
+    check_count(where, "ncpu_proc_per_node", ncpu_proc_per_node, minimum=0)
+    if mode == "dask":
+        check_cluster_options(address=address, client=client, security=security,
+                              dashboard_address=dashboard_address)
+        memory_bytes = resolve_memory_limit(memory_limit)
     current = runtime.process_session()
     if mode == "local":
         if isinstance(current, DaskSession) and not current.closed:
@@ -525,7 +552,6 @@ def initialize(
 
     device_groups = _check_groups(groups)
     resolved = resolve_groups(device_groups)
-    memory_bytes = resolve_memory_limit(memory_limit)
     config = (tuple((g.name, g.num_ranks, g.device_type.lower(), g.gpus_per_worker) for g in device_groups),
               address, id(client), simulate_gpus, memory_bytes)
     if isinstance(current, DaskSession) and not current.closed:
@@ -543,7 +569,8 @@ def initialize(
                                      nproc_per_node=nproc_per_node)
     else:
         connection = start_local_cluster(resolved, dashboard_address=dashboard_address,
-                                         simulate_gpus=simulate_gpus, memory_limit=memory_bytes)
+                                         simulate_gpus=simulate_gpus, security=security,
+                                         memory_limit=memory_bytes)
     session = DaskSession(
         connection=connection, groups=device_groups, seed=seed, full_determinism=full_determinism,
         global_mesh=global_device_mesh, lazy_collect=lazy_collect, name=name, notifier=notifier,
@@ -570,7 +597,18 @@ def shutdown(timeout: float = 30.0) -> None:
 
     Safe to call more than once; completes within about ``timeout`` seconds
     even if a worker hangs.
+
+    Parameters
+    ----------
+    timeout : float, default 30
+        Seconds to allow for closing the components and the local cluster.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``timeout`` is not a positive number (checked before anything is closed).
     """
+    check_timeout("shutdown", timeout, optional=False)
     session = runtime.process_session()
     runtime.set_process_session(None)
     if isinstance(session, DaskSession):

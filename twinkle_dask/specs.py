@@ -13,7 +13,7 @@ from typing import Any
 
 from .collect import Collector, get_collector
 from .dispatch import Dispatcher, get_dispatcher
-from .exceptions import ConfigurationError
+from .exceptions import ConfigurationError, ConfigurationTypeError
 from .mesh import DeviceMesh
 
 __all__ = [
@@ -61,8 +61,11 @@ def _check_choice(what: str, value: Any, choices: tuple[str, ...]) -> None:
 def _check_timeout(timeout: Any) -> None:
     if timeout is None:
         return
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ConfigurationError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    message = f"timeout must be a positive number of seconds or None, got {timeout!r}"
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise ConfigurationTypeError(message)
+    if not timeout > 0:
+        raise ConfigurationError(message)
 
 
 def _mesh_param(cls: type[Any]) -> str | None:
@@ -117,9 +120,9 @@ class MethodSpec:
     def __post_init__(self) -> None:
         _check_choice("remote_function execute", self.execute, METHOD_EXECUTE)
         if not isinstance(self.sync, bool):
-            raise ConfigurationError(f"sync must be True or False, got {self.sync!r}")
+            raise ConfigurationTypeError(f"sync must be True or False, got {self.sync!r}")
         if self.lazy_collect is not None and not isinstance(self.lazy_collect, bool):
-            raise ConfigurationError(f"lazy_collect must be True, False or None, got {self.lazy_collect!r}")
+            raise ConfigurationTypeError(f"lazy_collect must be True, False or None, got {self.lazy_collect!r}")
         _check_timeout(self.timeout)
         object.__setattr__(self, "dispatcher", get_dispatcher(self.dispatch))
         object.__setattr__(self, "collector", get_collector(self.collect))

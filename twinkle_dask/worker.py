@@ -3,10 +3,12 @@
 Every worker that runs twinkle components carries a :class:`TwinkleWorker`
 extension, installed by the ``twinkle_dask.worker`` preload (``dask worker
 --preload twinkle_dask.worker``) or by :class:`TwinklePlugin`. Each component
-rank on the worker is a :class:`RankHost`: one dedicated thread that runs the
-rank's ``__init__`` and methods strictly in the order the calls arrived, while
-the worker's event loop keeps answering fetches of earlier results and
-resolving the lazy inputs of later calls.
+rank on the worker is a :class:`RankHost` (its instance, its identity, its
+random streams, its kept results); the worker's one
+:class:`~twinkle_dask._execution.Executor` runs the ``__init__`` and methods of
+all of them, one at a time, in the order the calls arrived, while the
+worker's event loop keeps answering fetches of earlier results and resolving
+the lazy inputs of later calls.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import functools
 import inspect
 import logging
 import os
-import queue
 import socket
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -30,13 +32,14 @@ from distributed.comm.addressing import get_address_host
 from . import identity as _identity
 from . import reporting, runtime
 from ._errors import decode_error, encode_error
-from ._seed import seed_everything
+from ._execution import Executor, Streams
+from ._seed import set_determinism
 from ._serde import set_cuda_landing
 from .call import INLINE_ALL, INLINE_BYTES, INLINE_SMALL
 from .caller import Caller
 from .channel import PORT_HANDLER, ServerEnd, pack, serve, unpack
 from .dashboard import CallRecorder
-from .exceptions import ComponentClosedError, ConfigurationError, SerializationError
+from .exceptions import ColocationError, ComponentClosedError, ConfigurationError, SerializationError
 from .group import create_component, identity_from_wire
 from .lazy import Meta
 from .resolve import Resolver, extract
@@ -110,7 +113,7 @@ class WorkerContext:
 
 
 class Job:
-    """One unit of work for a rank's thread: its construction, or one call."""
+    """One unit of work for the worker's executor: a component rank's construction, or one call."""
 
     __slots__ = ("args", "end", "error", "kind", "kwargs", "msg", "payload", "ready", "started", "stopped")
 
@@ -129,11 +132,12 @@ class Job:
 class RankOutcome:
     """A finished call on this rank: its value (kept for fetches) or its error."""
 
-    __slots__ = ("error", "meta", "ok", "packed", "stop", "value")
+    __slots__ = ("error", "meta", "name", "ok", "packed", "stop", "value")
 
     def __init__(self, ok: bool, value: Any = None, meta: Meta | None = None, packed: Any = None,
-                 error: dict[str, Any] | None = None, stop: bool = False) -> None:
+                 error: dict[str, Any] | None = None, stop: bool = False, name: str = "") -> None:
         self.ok = ok
+        self.name = name
         self.value = value
         self.meta = meta
         self.packed = packed
@@ -142,7 +146,7 @@ class RankOutcome:
 
 
 class RankHost:
-    """One component rank on this worker: its instance, its thread, its results."""
+    """One component rank on this worker: its instance, identity, random streams and results."""
 
     def __init__(self, ext: TwinkleWorker, cid: str, label: str, ident: _identity.Identity, owner: ServerEnd) -> None:
         self.ext = ext
@@ -152,6 +156,7 @@ class RankHost:
         self.owner = owner
         self.loop = ext.loop
         self.context = WorkerContext(ext, ident.group)
+        self.streams = Streams(42, False)
         self.instance: Any = None
         self.iterator: Any = None
         self.results: dict[int, RankOutcome] = {}
@@ -160,20 +165,13 @@ class RankHost:
         self.released_early: set[int] = set()
         self.max_id = 0
         self.closed = False
-        self.unfinished = 0  # jobs handed to the thread that have not finished (loop side)
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._partial: dict[str, str] = {}
         self._who = f"{label} rank {ident.rank}"
-        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(
-            target=self._main, name=f"twinkle-{label}-rank{ident.rank}", daemon=True
-        )
-        self._thread.start()
 
     # ------------------------------------------------------------------ loop side
     def submit(self, job: Job) -> None:
         msg = job.msg
-        self.unfinished += 1
         if job.kind == "call" and msg.get("keep"):
             k = msg["k"]
             self.max_id = max(self.max_id, k)
@@ -181,7 +179,7 @@ class RankHost:
         if msg.get("lz") or msg.get("rd"):
             job.ready = threading.Event()
             self.loop.create_task(self._resolve(job))
-        self._queue.put(job)
+        self.ext.executor.submit(self, job, nested=bool(msg.get("x")))
 
     async def _resolve(self, job: Job) -> None:
         assert job.ready is not None
@@ -206,7 +204,6 @@ class RankHost:
 
     def _finished(self, job: Job, outcome: RankOutcome) -> None:
         msg = job.msg
-        self.unfinished -= 1
         method = msg["m"] if job.kind == "call" else "__init__"
         self.ext.recorder.record(self.label, method, self.cid, msg.get("k", 0), self.identity.rank,
                                  job.started, job.stopped, outcome.ok)
@@ -257,7 +254,8 @@ class RankHost:
             f"was collected or released; keep the LazyResult alive while it is being passed on"
         )
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Close this rank; returns whether one of its jobs is running right now (it cannot be stopped)."""
         self.closed = True
         self.results.clear()
         for futs in self.waiters.values():
@@ -265,30 +263,41 @@ class RankHost:
                 if not fut.done():
                     fut.set_exception(ComponentClosedError(f"{self.label} rank {self.identity.rank} was closed"))
         self.waiters.clear()
-        self._queue.put(None)
+        executor = self.ext.executor
+        executor.call_soon(self._drop)  # after the jobs already queued (they see ``closed``)
+        return executor.is_running(self)
 
-    # ------------------------------------------------------------------ thread side
-    def _main(self) -> None:
-        runtime.enter_worker_context(self.context)
-        reporting.bind(self)
-        while True:
-            job = self._queue.get()
-            if job is None:
-                break
-            if job.ready is not None:
-                job.ready.wait()
-            _identity.enter(self.identity)
-            job.started = time.time()
-            outcome = self._construct(job) if job.kind == "new" else self._call(job)
-            job.stopped = time.time()
-            self._flush_output()
-            try:
-                self.loop.call_soon_threadsafe(self._finished, job, outcome)
-            except RuntimeError:  # worker loop closed
-                break
+    def _drop(self) -> None:
+        # Executor thread: the instance goes with its last job.
         self.instance = self.iterator = None
+        self.ext.executor.forget(self)
         if self._aloop is not None:
             self._aloop.close()
+            self._aloop = None
+
+    # ------------------------------------------------------------------ executor thread
+    def run(self, job: Job) -> None:
+        """Run one job; the executor has made this rank's identity and streams the process's."""
+        if job.ready is not None:
+            job.ready.wait()
+        job.started = time.time()
+        if self.closed:
+            outcome = RankOutcome(False, error=encode_error(
+                ComponentClosedError(f"{self.label} rank {self.identity.rank} was closed")))
+        elif job.kind == "new":
+            outcome = self._construct(job)
+        else:
+            outcome = self._call(job)
+        job.stopped = time.time()
+        self._flush_output()
+        # The call's arguments go now, not when the next call arrives.
+        job.payload = job.args = job.kwargs = job.error = None
+        job.msg.pop("p", None)
+        job.msg.pop("rd", None)
+        try:
+            self.loop.call_soon_threadsafe(self._finished, job, outcome)
+        except RuntimeError:  # worker loop closed
+            pass
 
     # -- what the component says (component thread)
     def output(self, stream: str, text: str) -> None:
@@ -319,8 +328,21 @@ class RankHost:
                 raise job.error
             klass, args, kwargs, info = job.payload if job.payload is not None else unpack(job.msg["p"])
             self.context.info = info
-            seed_everything(self.context.seed, self.context.full_determinism)
-            self.instance = klass(*args, **kwargs)
+            self.streams.seed, self.streams.full_determinism = self.context.seed, self.context.full_determinism
+            set_determinism(self.context.full_determinism)
+            # Built by the executor with this rank's streams installed: seeded, as a process of its own.
+            self.streams.install()
+            pg_before = _default_group_initialized()
+            try:
+                self.instance = klass(*args, **kwargs)
+            except BaseException as exc:
+                if pg_before and _second_init(exc):
+                    raise ColocationError(self.label, self.identity.rank, self.identity.group,
+                                          self.ext.process_group_owner) from exc
+                raise
+            if not pg_before and _default_group_initialized():
+                ident = self.identity
+                self.ext.process_group_owner = f"{self.label} (rank {ident.rank} of group {ident.group!r})"
             try:
                 self.instance.remote_group = self.identity.group
             except AttributeError:
@@ -363,18 +385,41 @@ class RankHost:
 
     def _ok(self, value: Any, inline: int, name: str) -> RankOutcome:
         packed = None
-        if inline == INLINE_ALL or (inline == INLINE_SMALL and sizeof(value) <= INLINE_BYTES):
+        if inline == INLINE_ALL or (inline == INLINE_SMALL and _small(value)):
             try:
-                packed = pack(value, f"the result of {self.label}.{name} on rank {self.identity.rank}")
+                packed = pack(value, result_name(self.label, name, self.identity.rank))
             except SerializationError:
                 if inline == INLINE_ALL:
                     raise
-        return RankOutcome(True, value, Meta.of(value), packed)
+        return RankOutcome(True, value, Meta.of(value), packed, name=name)
 
     def _run_async(self, awaitable: Any) -> Any:
         if self._aloop is None:
             self._aloop = asyncio.new_event_loop()
         return self._aloop.run_until_complete(awaitable)
+
+
+def _default_group_initialized() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and bool(dist.is_available()) and bool(dist.is_initialized())
+
+
+def _second_init(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch's refusal to initialize the default process group a second time."""
+    return isinstance(exc, (RuntimeError, ValueError)) and "default process group twice" in str(exc)
+
+
+def result_name(label: str, method: str, rank: int) -> str:
+    """How serialization errors name a result: the same for inline replies and fetches."""
+    return f"the result of {label}.{method} on rank {rank}"
+
+
+def _small(value: Any) -> bool:
+    """Whether ``value`` is small enough to travel with the reply."""
+    try:
+        return bool(sizeof(value) <= INLINE_BYTES)
+    except RecursionError:  # nested too deep to measure: pickling it will say so
+        return True
 
 
 def _free_port() -> int:
@@ -395,8 +440,14 @@ class TwinkleWorker:
         self.children: list[Any] = []
         #: Counters for tests and benchmarks: results served to other processes.
         self.stats = {"fetches": 0, "fetch_bytes": 0, "calls": 0, "inline_bytes": 0}
+        #: Runs the component code of this worker, one job at a time (see twinkle_dask._execution).
+        self.executor = Executor(f"twinkle-executor-{worker.name}")
+        #: Which component rank initialized torch.distributed's default process group in this process.
+        self.process_group_owner: str | None = None
         self.caller = Caller(self.loop, worker.connection_args, in_worker=True, connect_timeout=5.0,
                              on_notice=self._on_notice)
+        self.caller.block = self.executor.wait
+        self.caller.nested = self.executor.on_thread
         reporting.route_process_streams()
         self.port: int | None = None
         self.recorder = CallRecorder(worker, self.loop)
@@ -475,12 +526,7 @@ class TwinkleWorker:
                 self.hosts[msg["c"]] = host
                 host.submit(Job("new", msg, end))
             elif kind == "close":
-                # running: its __init__ or a call is still executing (or queued) on its thread, which
-                # no close can interrupt; the driver restarts the worker when that does not end.
-                closing = self.hosts.get(msg["c"])
-                running = closing is not None and closing.unfinished > 0
-                self._close(msg["c"])
-                end.reply(i, ok=True, running=running)
+                end.reply(i, ok=True, running=self._close(msg["c"]))
             elif kind == "port":
                 end.reply(i, ok=True, port=_free_port())
             elif kind == "ping":
@@ -504,7 +550,7 @@ class TwinkleWorker:
                 end.reply(msg["i"], ok=False, **(outcome.error or {}))
                 return
             value = extract(outcome.value, msg.get("p") or (), msg.get("r"))
-            packed = pack(value, f"the result of {host.label}")
+            packed = pack(value, result_name(host.label, outcome.name, host.identity.rank))
             self.stats["fetches"] += 1
             self.stats["fetch_bytes"] += packed.nbytes
             end.reply(msg["i"], ok=True, v=packed)
@@ -519,10 +565,10 @@ class TwinkleWorker:
         except Exception as exc:
             end.reply(msg["i"], ok=False, **encode_error(exc))
 
-    def _close(self, cid: str) -> None:
+    def _close(self, cid: str) -> bool:
+        """Close a component rank; returns whether a job of it is still running (stuck or busy)."""
         host = self.hosts.pop(cid, None)
-        if host is not None:
-            host.close()
+        return host.close() if host is not None else False
 
 
 def install(worker: Any) -> TwinkleWorker:
