@@ -176,6 +176,23 @@ def test_worker_death_during_a_rendezvous_fails_every_rank_fast_and_the_group_re
         assert again.all_reduce(1.5)() == [3.0, 3.0]
 
 
+def test_a_failed_construction_leaves_alone_a_rank_that_only_waited_its_turn():
+    with local_session(model=2) as client:
+        busy = Echo(tag="busy", remote_group="model")
+        address = busy._twinkle_ref.addresses[0]
+        pid = client.run(os.getpid)[address]
+        before = _calls(busy, 0)
+        running = busy.sleep.options(execute="first")(5)  # rank 0's worker is busy with this call
+        _until_received(busy, 0, before)
+        start = time.monotonic()
+        with pytest.raises(WorkerLostError) as info:
+            Rendezvous(die_rank=1, remote_group="model")  # rank 0's __init__ is queued behind the call
+        assert time.monotonic() - start < 5
+        assert info.value.rank == 1
+        assert running() == 5  # the call finished: its worker was not restarted
+        assert client.run(os.getpid)[address] == pid
+
+
 def test_a_stopped_worker_fails_a_waiting_call_within_the_configured_bound():
     with local_session(model=2, other=1), dask.config.set({"twinkle-dask.worker-unresponsive-timeout": "3s"}):
         echo = Echo(remote_group="model")

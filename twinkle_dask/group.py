@@ -266,18 +266,15 @@ def _teardown(session: Any, ref: ComponentRef, futures: list[concurrent.futures.
     concurrent.futures.wait(list(closes.values()), grace)
     busy = []
     for rank, close in closes.items():
-        confirmed = close.done() and close.exception() is None
-        if confirmed and not close.result().get("running") and futures[rank].done():
-            continue
         if close.done() and isinstance(close.exception(), WorkerLostError):
             continue  # its worker is gone anyway
-        # Still inside __init__: give it what is left of the grace to finish on its own.
-        try:
-            futures[rank].result(max(0.0, deadline - time.monotonic()))
-            if confirmed:
-                continue
-        except Exception:
-            pass
+        confirmed = close.done() and close.exception() is None
+        if confirmed and not close.result().get("running"):
+            continue  # nothing of it runs: a construction still queued there sees it closed and is skipped
+        # Inside __init__ (or no answer at all): give it what is left of the grace to finish on its own.
+        finished, _ = concurrent.futures.wait([futures[rank]], max(0.0, deadline - time.monotonic()))
+        if confirmed and finished:
+            continue
         busy.append(ref.addresses[rank])
     if not busy:
         return
