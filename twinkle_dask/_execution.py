@@ -124,6 +124,8 @@ class Runner(Protocol):
 
     def run(self, job: Any) -> None: ...
 
+    def left(self) -> None: ...
+
     def output(self, stream: str, text: str) -> None: ...
 
     def metrics(self, values: dict[str, Any]) -> None: ...
@@ -203,6 +205,8 @@ class Executor:
             runner.run(job)
         finally:
             self.running.pop()
+            if runner not in self.running:
+                runner.left()
             if outer is not None:
                 self._enter(outer)
 

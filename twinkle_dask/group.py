@@ -328,7 +328,12 @@ def restart_component(handle: Any, timeout: float = 120.0) -> None:
     ref = _state(handle)
     session = _session_for(ref, "restart")
     plan = session.plan_of(ref)
-    _send_close(session.caller, ref)
+    stuck = _close_or_find_stuck(session, ref)
+    if stuck:
+        # A call (or __init__) of the component is still running and cannot be stopped from outside
+        # its process: restart those workers. Every component on them is lost with it.
+        logger.warning("twinkle_dask: %s is still running on %s; restarting those workers", ref.label, stuck)
+        session.restart_workers(stuck, timeout)
     session.refresh_placement(plan.group, timeout)
     new = _build(session, plan, caller_site())
     session.replace(ref, new)
@@ -344,8 +349,34 @@ def identity_from_wire(wire: list[Any]) -> Identity:
     return Identity(*wire)
 
 
-def _send_close(caller: Any, ref: ComponentRef) -> list[concurrent.futures.Future[dict[str, Any]]]:
-    return [caller.request_threadsafe(a, {"t": "close", "c": ref.cid}) for a in ref.addresses]
+def _send_close(caller: Any, ref: ComponentRef, wait: float = 0.0) -> list[concurrent.futures.Future[dict[str, Any]]]:
+    msg: dict[str, Any] = {"t": "close", "c": ref.cid}
+    if wait:
+        msg["w"] = wait  # the worker answers once nothing of the component runs, or after ``wait`` s
+    return [caller.request_threadsafe(a, dict(msg)) for a in ref.addresses]
+
+
+def _close_or_find_stuck(session: Any, ref: ComponentRef) -> list[str]:
+    """Close the component's ranks; return the live workers where a job of it is still running.
+
+    Each worker is given ``twinkle-dask.teardown-grace`` for a running job to
+    end; one that does not answer at all within the liveness bound counts as
+    stuck too.
+    """
+    grace = seconds("teardown-grace")
+    closes = _send_close(session.caller, ref, wait=grace)
+    stuck = []
+    for address, close in zip(ref.addresses, closes):
+        try:
+            reply = close.result(grace + seconds("worker-unresponsive-timeout") + 5.0)
+        except WorkerLostError:
+            continue  # gone already: nothing of it runs
+        except concurrent.futures.TimeoutError:
+            stuck.append(address)
+            continue
+        if reply.get("running"):
+            stuck.append(address)
+    return stuck
 
 
 def close_component(handle_or_ref: Any, timeout: float = 10.0) -> None:

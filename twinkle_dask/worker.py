@@ -167,6 +167,7 @@ class RankHost:
         self.closed = False
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._partial: dict[str, str] = {}
+        self._idle: list[asyncio.Future[None]] = []
         self._who = f"{label} rank {ident.rank}"
 
     # ------------------------------------------------------------------ loop side
@@ -266,6 +267,29 @@ class RankHost:
         executor = self.ext.executor
         executor.call_soon(self._drop)  # after the jobs already queued (they see ``closed``)
         return executor.is_running(self)
+
+    def idle(self) -> asyncio.Future[None]:
+        """A future (loop side) that is set when no job of this rank runs any more."""
+        fut: asyncio.Future[None] = self.loop.create_future()
+        if not self.ext.executor.is_running(self):
+            fut.set_result(None)
+        else:
+            self._idle.append(fut)
+        return fut
+
+    def left(self) -> None:
+        """Executor thread: the last running job of this rank ended."""
+        if self._idle:
+            try:
+                self.loop.call_soon_threadsafe(self._set_idle)
+            except RuntimeError:  # worker loop closed
+                pass
+
+    def _set_idle(self) -> None:
+        waiting, self._idle = self._idle, []
+        for fut in waiting:
+            if not fut.done():
+                fut.set_result(None)
 
     def _drop(self) -> None:
         # Executor thread: the instance goes with its last job.
@@ -526,7 +550,7 @@ class TwinkleWorker:
                 self.hosts[msg["c"]] = host
                 host.submit(Job("new", msg, end))
             elif kind == "close":
-                end.reply(i, ok=True, running=self._close(msg["c"]))
+                self.loop.create_task(self._serve_close(msg, end))
             elif kind == "port":
                 end.reply(i, ok=True, port=_free_port())
             elif kind == "ping":
@@ -569,6 +593,24 @@ class TwinkleWorker:
         """Close a component rank; returns whether a job of it is still running (stuck or busy)."""
         host = self.hosts.pop(cid, None)
         return host.close() if host is not None else False
+
+    async def _serve_close(self, msg: dict[str, Any], end: ServerEnd) -> None:
+        """Close a component rank; with ``w`` seconds, wait that long for a running job of it to end.
+
+        The reply's ``running`` says whether one is still running: code that
+        cannot be stopped from outside its process, which only a restart of
+        the worker frees.
+        """
+        host = self.hosts.get(msg["c"])
+        running = self._close(msg["c"])
+        if running and host is not None and msg.get("w"):
+            idle = host.idle()
+            try:
+                await asyncio.wait_for(idle, float(msg["w"]))
+                running = False
+            except TimeoutError:
+                pass
+        end.reply(msg["i"], ok=True, running=running)
 
 
 def install(worker: Any) -> TwinkleWorker:
