@@ -387,3 +387,15 @@ class Relay:
     @remote_function(dispatch="all", collect="first")
     def call(self, other, method: str, *args):
         return getattr(other, method)(*args)
+
+
+@remote_class()
+class Builder:
+    """Builds components from inside its own methods."""
+
+    @remote_function(dispatch="all", collect="first")
+    def build_and_call(self, group: str):
+        echo = Echo(tag="inner", remote_group=group)
+        local = not hasattr(echo, "_twinkle_ref")  # built in this process (its own group)
+        return {"local": local, "count": echo.count() if not local else None,
+                "tag": echo.identity()[0]["tag"] if not local else echo.tag}

@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from components import (  # noqa: E402
+    Builder,
     Caller,
     Drawer,
     Echo,
@@ -125,3 +126,9 @@ def test_ranks_calling_a_component_on_each_others_workers_do_not_wait_for_each_o
     assert [o["got"] for o in out] == [{"args": [7], "kwargs": {}}] * 2
     assert echo.count() == 2  # and the component's own queue carries on
 
+
+
+def test_a_component_builds_components_in_other_groups_and_in_process_in_its_own(session):
+    builder = Builder(remote_group="one")
+    assert builder.build_and_call("pair").result(timeout=60) == {"local": False, "count": 2, "tag": "inner"}
+    assert builder.build_and_call("one").result(timeout=60) == {"local": True, "count": None, "tag": "inner"}

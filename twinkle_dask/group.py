@@ -186,8 +186,10 @@ def _build(session: Any, plan: BuildPlan, site: str | None) -> ComponentRef:
         ident = Identity(rank, n, local_rank, local_world, master_addr, master_port, group, f"{group}-{label}-{rank}")
         msg = {"t": "new", "c": cid, "p": plan.payload, "id": list(_identity_wire(ident)), "lbl": label,
                "lz": plan.has_lazy}
+        if caller.nested is not None and caller.nested():
+            msg["x"] = True  # built by component code: runs before the target worker's queued calls
         futures.append(caller.request_threadsafe(address, msg))
-    errors = _first_failures(futures, deadline, label, group, addresses, site)
+    errors = _first_failures(caller, futures, deadline, label, group, addresses, site)
     ref = ComponentRef(cid, plan.klass, group, plan.execute, tuple(range(n)), addresses, plan.mesh,
                        getattr(session, "session_id", ""))
     pending = [rank for rank, fut in enumerate(futures) if not fut.done()]
@@ -225,7 +227,36 @@ def _rank_error(fut: concurrent.futures.Future[dict[str, Any]], rank: int, label
                         f"called from {site}" if site else "")
 
 
-def _first_failures(futures: list[concurrent.futures.Future[dict[str, Any]]], deadline: float | None,
+_Reply = concurrent.futures.Future[dict[str, Any]]
+
+
+def _wait_first(caller: Any, pending: set[_Reply], timeout: float | None) -> tuple[set[_Reply], set[_Reply]]:
+    """``concurrent.futures.wait(FIRST_COMPLETED)``; in component code, through the caller's ``block``.
+
+    A component building a component waits on its worker's executor, which
+    runs the calls nested meanwhile (a construction on its own worker among them).
+    """
+    if not caller.in_worker:
+        return concurrent.futures.wait(pending, timeout, concurrent.futures.FIRST_COMPLETED)
+    first: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    def settle(_: Any) -> None:
+        try:
+            first.set_result(None)
+        except concurrent.futures.InvalidStateError:  # another one settled it
+            pass
+
+    for fut in pending:
+        fut.add_done_callback(settle)
+    try:
+        caller.block(first, timeout)
+    except concurrent.futures.TimeoutError:
+        pass
+    done = {fut for fut in pending if fut.done()}
+    return done, pending - done
+
+
+def _first_failures(caller: Any, futures: list[concurrent.futures.Future[dict[str, Any]]], deadline: float | None,
                     label: str, group: str, addresses: tuple[str, ...], site: str | None) -> dict[int, BaseException]:
     """Wait for every rank's construction; stop at the first failure or at ``deadline``.
 
@@ -238,7 +269,7 @@ def _first_failures(futures: list[concurrent.futures.Future[dict[str, Any]]], de
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             break
-        done, pending = concurrent.futures.wait(pending, remaining, concurrent.futures.FIRST_COMPLETED)
+        done, pending = _wait_first(caller, pending, remaining)
         for fut in done:
             rank = rank_of[fut]
             error = _rank_error(fut, rank, label, group, addresses[rank], site)
