@@ -399,3 +399,14 @@ class Builder:
         local = not hasattr(echo, "_twinkle_ref")  # built in this process (its own group)
         return {"local": local, "count": echo.count() if not local else None,
                 "tag": echo.identity()[0]["tag"] if not local else echo.tag}
+
+
+@remote_class()
+class Hog:
+    """Holds a large allocation for a while (a runaway component)."""
+
+    @remote_function(dispatch="all", collect="first")
+    def hold(self, n_bytes: int, seconds: float):
+        block = np.ones(n_bytes, dtype=np.uint8)  # touched: resident, not just reserved
+        time.sleep(seconds)
+        return int(block.sum())

@@ -82,5 +82,19 @@ def test_memory_freed_on_a_worker_goes_back_to_the_system():
         del results
         until_released()
         deadline = time.monotonic() + 30
-        while (grown := rss() - base) >= 100 * MiB:
+        while (grown := rss() - base) >= 32 * MiB:  # without the trim after releases: 65 MiB stay
             assert time.monotonic() < deadline, f"the worker stayed {grown / MiB:.0f} MiB above its baseline"
+
+
+def test_a_worker_past_the_terminate_threshold_is_restarted_and_the_call_fails_typed():
+    from components import Hog
+
+    from twinkle_dask.exceptions import WorkerLostError
+
+    with local_session(model=1, memory_limit="400MiB"):
+        hog = Hog(remote_group="model")
+        start = time.monotonic()
+        with pytest.raises(WorkerLostError, match="group 'model'"):
+            hog.hold(450 * MiB, 60).result(timeout=30)
+        assert time.monotonic() - start < 15
+        assert Echo(remote_group="model").count() == 1  # the group works again on the restarted worker

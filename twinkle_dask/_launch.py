@@ -10,6 +10,12 @@ and torch when the driver uses it) and then forks a worker per request read
 from stdin, so N workers start in about the time of one, share the imported
 code's memory, and a worker that dies is forked again at once. GPU workers run
 by dask-cuda are started as their own subprocesses instead.
+
+The zygote is also the forked workers' nanny for memory: as Dask's nanny
+does, it restarts a worker whose memory passes
+``distributed.worker.memory.terminate`` (95 %) of its memory limit, so a
+runaway component ends in a typed ``WorkerLostError`` and a fresh worker
+instead of the machine's OOM killer.
 """
 
 from __future__ import annotations
@@ -147,8 +153,13 @@ def zygote(preload: list[str]) -> None:
             importlib.import_module(name)
         except Exception:
             pass
+    import dask
+    import psutil
+
+    terminate = dask.config.get("distributed.worker.memory.terminate")
     specs: dict[str, tuple[list[str], dict[str, str]]] = {}
     pids: dict[int, str] = {}
+    limits: dict[str, int] = {}  # bytes, by worker name
     restarts: dict[str, int] = {}
     due: list[tuple[float, str]] = []
     stopping = False
@@ -192,6 +203,25 @@ def zygote(preload: list[str]) -> None:
             if block:
                 return
 
+    def check_memory() -> None:
+        # Dask's nanny: a worker past `terminate` of its limit is restarted (reap() starts it again).
+        for pid, name in list(pids.items()):
+            limit = limits.get(name, 0)
+            if not limit or not terminate:
+                continue
+            try:
+                rss = psutil.Process(pid).memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > terminate * limit:
+                print(f"twinkle_dask: worker {name} exceeded {terminate:.0%} memory budget "
+                      f"({rss / 2**20:.0f} MiB of {limit / 2**20:.0f} MiB); restarting it",
+                      file=sys.stderr, flush=True)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
     while True:
         for _ in selector.select(timeout=0.2):
             data = os.read(0, 1 << 16)
@@ -205,11 +235,15 @@ def zygote(preload: list[str]) -> None:
             request = json.loads(line)
             if request["op"] == "spawn":
                 specs[request["name"]] = (request["argv"], request["env"])
+                argv = request["argv"]
+                if "--memory-limit" in argv:
+                    limits[request["name"]] = int(argv[argv.index("--memory-limit") + 1])
                 pids[_fork_worker(request["argv"], request["env"])] = request["name"]
             elif request["op"] == "stop":
                 stopping = True
                 stop_all(float(request.get("grace", 5.0)))
                 return
+        check_memory()
         reap()
         now = time.monotonic()
         for when, name in [d for d in due if d[0] <= now]:

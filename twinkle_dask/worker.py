@@ -14,6 +14,7 @@ the lazy inputs of later calls.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import inspect
 import logging
@@ -50,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 #: How long a fetch waits for a call that has not reached this worker yet.
 ARRIVAL_TIMEOUT = 120.0
+
+#: Seconds between a release of results and the trim that gives their memory back (at most one per period).
+TRIM_DELAY = 0.5
 
 
 @sizeof.register_lazy("torch")  # type: ignore[untyped-decorator]  # dask.sizeof is not annotated
@@ -446,6 +450,21 @@ def _small(value: Any) -> bool:
         return True
 
 
+def _malloc_trim() -> None:
+    """``malloc_trim(0)``: return the free pages of every glibc heap to the system (no-op elsewhere)."""
+    global _trim_fn
+    if _trim_fn is None:
+        try:
+            _trim_fn = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _trim_fn = False
+    if _trim_fn:
+        _trim_fn(0)
+
+
+_trim_fn: Any = None
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
@@ -466,6 +485,7 @@ class TwinkleWorker:
         self.stats = {"fetches": 0, "fetch_bytes": 0, "calls": 0, "inline_bytes": 0}
         #: Runs the component code of this worker, one job at a time (see twinkle_dask._execution).
         self.executor = Executor(f"twinkle-executor-{worker.name}")
+        self._trim_handle: asyncio.TimerHandle | None = None
         #: Which component rank initialized torch.distributed's default process group in this process.
         self.process_group_owner: str | None = None
         self.caller = Caller(self.loop, worker.connection_args, in_worker=True, connect_timeout=5.0,
@@ -542,6 +562,7 @@ class TwinkleWorker:
                 host = self.hosts.get(msg["c"])
                 if host is not None:
                     host.release(msg["ids"])
+                    self.trim_soon()
             elif kind == "new":
                 ident = identity_from_wire(msg["id"])
                 if msg["c"] in self.hosts:
@@ -588,6 +609,21 @@ class TwinkleWorker:
             end.reply(msg["i"], ok=outcome.ok, m=meta)
         except Exception as exc:
             end.reply(msg["i"], ok=False, **encode_error(exc))
+
+    def trim_soon(self) -> None:
+        """Give memory freed by released results back to the system, at most once per TRIM_DELAY.
+
+        glibc keeps freed memory in its heaps; Dask's nanny makes it trim eagerly
+        with MALLOC_TRIM_THRESHOLD_, which makes every large buffer a fresh
+        mmap (see cluster._worker_env). One ``malloc_trim(0)`` after a burst of
+        releases returns the same memory without that cost on every call.
+        """
+        if self._trim_handle is None:
+            self._trim_handle = self.loop.call_later(TRIM_DELAY, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_handle = None
+        self.loop.run_in_executor(None, _malloc_trim)
 
     def _close(self, cid: str) -> bool:
         """Close a component rank; returns whether a job of it is still running (stuck or busy)."""
