@@ -7,12 +7,15 @@ from components import Echo
 
 import twinkle_dask as twinkle
 
+_first: dict[str, object] = {}
+
 
 @pytest.mark.twinkle(tiny=2)
 def test_marker_gives_a_cluster_with_those_groups(twinkle_client):
     names = sorted(str(w["name"]) for w in twinkle_client.scheduler_info(n_workers=-1)["workers"].values())
     assert names == ["tiny-0", "tiny-1"]
     assert Echo(remote_group="tiny").count() == 2
+    _first["client"] = twinkle_client
 
 
 @pytest.mark.twinkle(tiny=2)
@@ -20,6 +23,23 @@ def test_same_groups_share_the_cluster(twinkle_client):
     first = twinkle_client
     assert Echo(remote_group="tiny").count() == 2
     assert twinkle.runtime.process_session().client is first
+
+
+def test_a_test_in_between_initializes_its_own_session():
+    assert twinkle.runtime.process_session() is None  # the marker's session is parked
+    client = twinkle.initialize("dask", groups=[twinkle.DeviceGroup(name="own", ranks=1, device_type="cpu")],
+                                dashboard_address=None)
+    try:
+        assert [str(w["name"]) for w in client.scheduler_info(n_workers=-1)["workers"].values()] == ["own-0"]
+        assert Echo(remote_group="own").count() == 1
+    finally:
+        twinkle.shutdown()
+
+
+@pytest.mark.twinkle(tiny=2)
+def test_the_parked_cluster_comes_back_after_it(twinkle_client):
+    assert twinkle_client is _first["client"]  # the same cluster, not a new one
+    assert Echo(remote_group="tiny").count() == 2
 
 
 def test_session_factory(twinkle_session):

@@ -15,9 +15,10 @@ Installed with twinkle-dask (entry point ``pytest11``), nothing to configure::
 
 ``@pytest.mark.twinkle(**groups)`` names CPU groups (``name=ranks``) and, as
 keywords that are not ints, options of ``initialize``. Tests of one module that
-ask for the same groups in a row share one cluster; it is shut down when the
-groups change and at the end of the module, so each group of tests pays the
-start-up once.
+ask for the same groups share one cluster; it is shut down when the groups
+change and at the end of the module, so each group of tests pays the start-up
+once. Between tests it is parked: a test in between may call
+``twinkle_dask.initialize(...)`` itself.
 This module imports nothing heavy until a fixture is used.
 """
 
@@ -33,10 +34,16 @@ __all__ = ["twinkle_client", "twinkle_session"]
 
 
 class _Shared:
-    """The one local session the fixtures keep between tests."""
+    """The one local session the fixtures keep between tests.
+
+    It is the process's session only while a test that asked for it runs;
+    between tests it is parked, so another test may call ``initialize()``
+    itself (on another cluster, or with ``client=``) and the next test that
+    asks for the same groups gets the parked session back.
+    """
 
     key: tuple[Any, ...] | None = None
-    client: Any = None
+    session: Any = None
 
     @classmethod
     def get(cls, options: dict[str, Any]) -> Any:
@@ -44,21 +51,32 @@ class _Shared:
         from twinkle_dask.testing import start_local
 
         key = tuple(sorted((k, repr(v)) for k, v in options.items()))
-        session = runtime.process_session()
-        if cls.key == key and session is not None and not getattr(session, "closed", True):
-            return cls.client
+        if cls.key == key and cls.session is not None and not cls.session.closed:
+            runtime.set_process_session(cls.session)
+            return cls.session.client
         cls.close()
-        cls.client = start_local(**options)
+        client = start_local(**options)
+        cls.session = runtime.process_session()
         cls.key = key
-        return cls.client
+        return client
+
+    @classmethod
+    def park(cls) -> None:
+        from twinkle_dask import runtime
+
+        if cls.session is not None and runtime.process_session() is cls.session:
+            runtime.set_process_session(None)
 
     @classmethod
     def close(cls) -> None:
-        if cls.key is not None:
-            import twinkle_dask as twinkle
+        from twinkle_dask import runtime
 
-            twinkle.shutdown()
-        cls.key = cls.client = None
+        session, cls.session, cls.key = cls.session, None, None
+        if session is None:
+            return
+        if runtime.process_session() is session:
+            runtime.set_process_session(None)
+        session.close()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -78,7 +96,7 @@ def _twinkle_module_cleanup() -> Iterator[None]:
 
 
 @pytest.fixture
-def twinkle_client(request: pytest.FixtureRequest) -> Any:
+def twinkle_client(request: pytest.FixtureRequest) -> Iterator[Any]:
     """The Dask client of a local session with the groups of ``@pytest.mark.twinkle(...)``."""
     marker = request.node.get_closest_marker("twinkle")
     if marker is None or not marker.kwargs:
@@ -86,7 +104,8 @@ def twinkle_client(request: pytest.FixtureRequest) -> Any:
             "twinkle_client needs @pytest.mark.twinkle(group=ranks, ...) on the test, e.g. "
             "@pytest.mark.twinkle(model=4)"
         )
-    return _Shared.get(dict(marker.kwargs))
+    yield _Shared.get(dict(marker.kwargs))
+    _Shared.park()
 
 
 @pytest.fixture
@@ -95,6 +114,9 @@ def twinkle_session() -> Iterator[Any]:
 
     @contextlib.contextmanager
     def start(**options: Any) -> Iterator[Any]:
-        yield _Shared.get(options)
+        try:
+            yield _Shared.get(options)
+        finally:
+            _Shared.park()
 
     yield start
