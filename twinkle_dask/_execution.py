@@ -142,7 +142,7 @@ class Executor:
 
     def __init__(self, name: str) -> None:
         self._cond = threading.Condition()
-        self._queue: deque[tuple[Runner, Any] | Callable[[], None] | None] = deque()
+        self._queue: deque[tuple[Runner, Any] | Callable[[], None]] = deque()
         self._nested: deque[tuple[Runner, Any]] = deque()
         #: The component ranks whose jobs are running, outermost first (nested calls push).
         self.running: list[Runner] = []
@@ -163,12 +163,6 @@ class Executor:
             self._queue.append(fn)
             self._cond.notify_all()
 
-    def stop(self) -> None:
-        """Stop the thread once the queued jobs have run."""
-        with self._cond:
-            self._queue.append(None)
-            self._cond.notify_all()
-
     def on_thread(self) -> bool:
         """Whether the calling thread is this executor's (component code is running)."""
         return threading.current_thread() is self._thread
@@ -184,13 +178,11 @@ class Executor:
 
     # ------------------------------------------------------------------ executor thread
     def _main(self) -> None:
-        while True:
+        while True:  # a daemon thread: it ends with its worker process
             with self._cond:
                 while not (self._nested or self._queue):
                     self._cond.wait()
                 item = self._nested.popleft() if self._nested else self._queue.popleft()
-            if item is None:
-                break
             if callable(item):
                 item()
             else:

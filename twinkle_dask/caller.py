@@ -82,18 +82,14 @@ class Caller:
         """The channel to ``address`` (loop thread only).
 
         A lost channel stays lost: requests to a worker that died fail at once
-        instead of waiting out a connect timeout. :meth:`forget` clears it once
-        the worker is back (component restart).
+        instead of waiting out a connect timeout. :meth:`joined` clears it when
+        a worker joins at that address again.
         """
         ch = self._channels.get(address)
         if ch is None:
             ch = Channel(address, self.connection_args, self.connect_timeout, self.on_notice)
             self._channels[address] = ch
         return ch
-
-    def forget(self, address: str) -> None:
-        """Drop the channel to ``address`` so the next request connects anew (loop thread only)."""
-        self._channels.pop(address, None)
 
     def lose(self, address: str, reason: str) -> None:
         """Declare the worker at ``address`` lost (loop thread only).
@@ -109,9 +105,6 @@ class Caller:
         ch = self._channels.get(address)
         if ch is not None and ch.lost is not None:
             del self._channels[address]
-
-    def forget_threadsafe(self, address: str) -> None:
-        self.post(lambda: self.forget(address))
 
     def is_lost(self, address: str) -> bool:
         """Whether the channel to ``address`` broke (read from any thread)."""

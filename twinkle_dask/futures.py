@@ -13,11 +13,9 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
-import dask
-from dask.utils import parse_timedelta
-
 from . import progress
 from ._checks import check_timeout
+from ._config import seconds
 from ._errors import add_note, decode_error
 from .caller import Caller
 from .channel import unpack
@@ -100,11 +98,6 @@ class Outcome:
             self.value = unpack(self.packed)
             self.packed = None
         return self.value
-
-
-def _lowest_rank_wait() -> float:
-    """Seconds a failed call waits for its lower ranks (``twinkle-dask.lowest-rank-wait``)."""
-    return float(parse_timedelta(dask.config.get("twinkle-dask.lowest-rank-wait", "5s")))
 
 
 def _settle(ref: weakref.ref[LazyResult]) -> None:
@@ -222,7 +215,7 @@ class LazyResult:
             # A failed rank whose lower ranks still run: they could fail too, and the lowest
             # rank's error is the one raised. Wait for them, but not forever (they may be blocked
             # in a collective that the failed rank will never join).
-            fut.get_loop().call_later(_lowest_rank_wait(), _settle, weakref.ref(self))
+            fut.get_loop().call_later(seconds("lowest-rank-wait"), _settle, weakref.ref(self))
 
     def _lowest_failure_known(self) -> bool:
         """Whether some rank failed and every rank below it has answered."""

@@ -365,7 +365,7 @@ def restart_component(handle: Any, timeout: float = 120.0) -> None:
         # its process: restart those workers. Every component on them is lost with it.
         logger.warning("twinkle_dask: %s is still running on %s; restarting those workers", ref.label, stuck)
         session.restart_workers(stuck, timeout)
-    session.refresh_placement(plan.group, timeout)
+    session.live_placement(plan.group, timeout)
     new = _build(session, plan, caller_site())
     session.replace(ref, new)
     object.__setattr__(handle, "_twinkle_ref", new)

@@ -169,10 +169,6 @@ class DaskSession:
             return False
         return any(self._caller.is_lost(a) for a in ref.addresses)
 
-    def refresh_placement(self, group: str, timeout: float) -> None:
-        """Wait until every worker of ``group`` is alive again, and use their current addresses."""
-        self.live_placement(group, timeout)
-
     # ------------------------------------------------------------------ workers joining and leaving
     def _on_cluster_event(self, event: tuple[float, Any]) -> Any:
         """Scheduler event (client loop): a worker was removed or (re)joined."""
