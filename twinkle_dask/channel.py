@@ -29,6 +29,7 @@ import collections
 import itertools
 import logging
 import pickle
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -36,8 +37,7 @@ from typing import Any, cast
 
 import dask.config
 from dask.utils import parse_timedelta
-from distributed.comm import CommClosedError, connect
-from distributed.comm.core import Comm
+from distributed.comm.core import Comm, CommClosedError, connect
 from distributed.comm.inproc import InProc
 from distributed.protocol.serialize import Pickled
 
@@ -55,6 +55,7 @@ STREAM_HANDLER = "twinkle_stream"
 #: Batches travel as ``Pickled`` (our own pickle and frames): no other serializer applies.
 _SERIALIZERS = ("pickle",)
 _IN_BAND = 4 * 1024
+_SOCKET_BUFFER = 4 * 1024 * 1024
 
 
 def pack(obj: Any, what: str = "value") -> Blob:
@@ -135,34 +136,72 @@ class _Stream:
         # Our own payloads unpickle without copies: never hand them to an offload thread.
         comm.allow_offload = False
         self._copy = isinstance(comm, InProc)
+        sock = getattr(getattr(comm, "stream", None), "socket", None)
+        if isinstance(sock, socket.socket):
+            # Large tensors cross in fewer, larger chunks (the OS caps these at its own maxima).
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+                except OSError:
+                    pass
         self._queue: list[dict[str, Any]] = []
-        self._wake: asyncio.Future[None] | None = None
-        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        self._flush_scheduled = False
+        self._writing: asyncio.Task[None] | None = None  # a write that had to wait
 
     def push(self, msg: dict[str, Any]) -> None:
         if self.closed:
             return
         self._queue.append(msg)
-        wake = self._wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
+        if not self._flush_scheduled and self._writing is None:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        comm = self.comm
+    def _flush(self) -> None:
+        """Write what is queued as one batch.
+
+        Dask's TCP and in-process comms finish a write without waiting (the
+        bytes go to the stream's buffer), so the write runs right here; a comm
+        whose write does wait is finished by a task, and what is queued
+        meanwhile leaves after it, in order.
+        """
+        self._flush_scheduled = False
+        if self.closed or not self._queue or self._writing is not None:
+            return
+        batch, self._queue = self._queue, []
+        coro = self.comm.write(_encode(batch, self._copy), serializers=_SERIALIZERS, on_error="raise")
         try:
-            while not self.closed:
-                if not self._queue:
-                    self._wake = loop.create_future()
-                    await self._wake
-                    continue
-                batch, self._queue = self._queue, []
-                await comm.write(_encode(batch, self._copy), serializers=_SERIALIZERS, on_error="raise")
-        except asyncio.CancelledError:
-            pass
+            waiting = coro.send(None)
+        except StopIteration:
+            return
         except Exception as exc:  # the comm failed under us
-            logger.debug("twinkle stream write to %s failed: %s", comm.peer_address, exc)
+            logger.debug("twinkle stream write to %s failed: %s", self.comm.peer_address, exc)
             self.lost(exc)
+            return
+        self._writing = asyncio.get_running_loop().create_task(self._finish(coro, waiting))
+
+    async def _finish(self, coro: Any, waiting: Any) -> None:
+        try:
+            while True:
+                if waiting is None:
+                    await asyncio.sleep(0)
+                else:
+                    try:
+                        await waiting
+                    except BaseException:
+                        pass  # the write sees the outcome itself when resumed
+                waiting = coro.send(None)
+        except StopIteration:
+            pass
+        except asyncio.CancelledError:
+            coro.close()
+            raise
+        except Exception as exc:
+            logger.debug("twinkle stream write to %s failed: %s", self.comm.peer_address, exc)
+            self.lost(exc)
+        finally:
+            self._writing = None
+        if self._queue and not self.closed:
+            self._flush()
 
     async def read_loop(self, on_batch: Callable[[list[dict[str, Any]]], None]) -> None:
         """Hand each batch that arrives to ``on_batch`` until the comm closes."""
@@ -187,7 +226,8 @@ class _Stream:
         if self.closed:
             return
         self.closed = True
-        self._writer.cancel()
+        if self._writing is not None:
+            self._writing.cancel()
         self.comm.abort()
         self.on_lost(exc)
 
@@ -377,7 +417,8 @@ class Channel:
         stream = self._stream
         if stream is not None and not stream.closed:
             stream.closed = True
-            stream._writer.cancel()
+            if stream._writing is not None:
+                stream._writing.cancel()
             try:
                 await stream.comm.close()
             except Exception:
