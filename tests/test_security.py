@@ -30,7 +30,7 @@ def test_tls_cluster_end_to_end():
             session = twinkle.runtime.process_session()
             channels = list(session.caller._channels.values())
             assert channels and all(
-                ch._proto.transport.get_extra_info("ssl_object") is not None for ch in channels
+                "cipher" in ch.comm.extra_info for ch in channels
             ), "twinkle channels must be encrypted too"
         finally:
             twinkle.shutdown()
@@ -52,7 +52,7 @@ def test_tls_scheduler_without_security_is_a_clear_error():
 
 def _worker_channels_encrypted(dask_worker):
     ext = dask_worker.extensions["twinkle"]
-    return [ch._proto.transport.get_extra_info("ssl_object") is not None for ch in ext.caller._channels.values()]
+    return ["cipher" in ch.comm.extra_info for ch in ext.caller._channels.values()]
 
 
 @pytest.mark.parametrize("make_security", ["temporary", "true"])
@@ -83,7 +83,7 @@ def test_local_cluster_with_security_speaks_tls_everywhere(make_security):
         assert got == [{"type": "ndarray", "len": 32768, "values": [0.0]}] * 2
         driver_channels = list(session.caller._channels.values())
         assert driver_channels and all(
-            ch._proto.transport.get_extra_info("ssl_object") is not None for ch in driver_channels
+            "cipher" in ch.comm.extra_info for ch in driver_channels
         )
         per_worker = client.run(_worker_channels_encrypted, workers=list(session.placements["consumer"].addresses))
         assert all(flags and all(flags) for flags in per_worker.values()), per_worker

@@ -1,4 +1,4 @@
-"""The process-side engine that issues calls: channels, call ids and releases.
+"""The process-side engine that issues calls: channels (Dask comms), call ids and releases.
 
 The driver has one :class:`Caller` on the Dask client's event loop; every
 worker has one on its own loop (used when a component calls or fetches from
@@ -50,14 +50,12 @@ class Caller:
         connection_args: dict[str, Any],
         *,
         in_worker: bool,
-        connect_timeout: float = 10.0,
         on_notice: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.loop = loop
         self.on_notice = on_notice
         self.connection_args = connection_args
         self.in_worker = in_worker
-        self.connect_timeout = connect_timeout
         self.inbox = LoopInbox(loop)
         self.closed = False
         self._channels: dict[str, Channel] = {}
@@ -87,7 +85,7 @@ class Caller:
         """
         ch = self._channels.get(address)
         if ch is None:
-            ch = Channel(address, self.connection_args, self.connect_timeout, self.on_notice)
+            ch = Channel(address, self.connection_args, self.on_notice)
             self._channels[address] = ch
         return ch
 

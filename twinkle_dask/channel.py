@@ -1,22 +1,25 @@
-"""Multiplexed message channels between a caller and a worker.
+"""Multiplexed message channels between a caller and a worker, on Dask comms.
 
 A call on a component is a small message to each rank's worker, and a
 pipeline of calls is many of them. Dask's RPC answers one request per
-connection at a time and its comms measure and frame every message for the
-scheduler's sake; here each worker's twinkle extension listens on a port of
-its own (found once through a Dask RPC, ``twinkle_port``), and one persistent
-connection per (caller, worker) carries any number of requests concurrently,
-each tagged with an id. Whatever is queued while a write is in flight leaves
-in the next write. Messages on one channel arrive in the order they were sent,
-which is what keeps calls on a component ordered.
+connection at a time; here a caller opens one persistent Dask comm per
+worker (``distributed.comm.connect``: any Dask transport, ``tcp``, ``tls``,
+``inproc``, ``ucx``, with the process's ``connection_args`` and Dask's
+connect timeout) whose first message names the ``twinkle_stream`` handler of
+the worker's twinkle extension; from then on both ends exchange batches of
+messages on it, any number of requests concurrently, each tagged with an id.
+Whatever is queued while a write is in flight leaves in the next write.
+Messages on one channel arrive in the order they were sent, which is what
+keeps calls on a component ordered.
 
 Payloads travel pre-serialized as :class:`Blob` (pickle protocol 5, tensors
 and arrays as out-of-band buffers, see :mod:`twinkle_dask._serde`): the caller
 serializes arguments in its own thread, so an unpicklable argument fails at
 the call site, and the receiver unpacks each payload on its own, so one bad
 payload fails one call. On the wire a batch of messages is one pickle whose
-blobs' buffers follow it as raw frames, received straight into their own
-buffers (no copy of large tensors on the receiving side).
+blobs' buffers follow it as the comm's own frames
+(``distributed.protocol.Pickled``), which Dask's TCP comm receives straight
+into their own buffers (no copy of large tensors on the receiving side).
 """
 
 from __future__ import annotations
@@ -27,32 +30,32 @@ import itertools
 import logging
 import pickle
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-import numpy as np
-from distributed.comm.addressing import get_address_host
+import dask.config
+from dask.utils import parse_timedelta
+from distributed.comm.core import Comm, CommClosedError, connect
+from distributed.comm.inproc import InProc
+from distributed.protocol.serialize import Pickled
 
 from ._config import seconds
 from ._serde import Blob, dumps_blob
 from .exceptions import ConfigurationError, SerializationError, WorkerLostError
 
-__all__ = ["Blob", "Channel", "LoopInbox", "ServerEnd", "pack", "serve", "unpack"]
+__all__ = ["Blob", "Channel", "LoopInbox", "ServerEnd", "connect_timeout", "pack", "unpack"]
 
 logger = logging.getLogger(__name__)
 
-#: The Dask RPC handler a worker registers to tell callers its twinkle port.
-PORT_HANDLER = "twinkle_port"
+#: The Dask handler a worker's twinkle extension registers for channels.
+STREAM_HANDLER = "twinkle_stream"
 
-_U64 = struct.Struct("!Q")
-_SMALL = 64 * 1024
+#: Batches travel as ``Pickled`` (our own pickle and frames): no other serializer applies.
+_SERIALIZERS = ("pickle",)
 _IN_BAND = 4 * 1024
-_STAGING = 256 * 1024
 _SOCKET_BUFFER = 4 * 1024 * 1024
-_CHUNK = 512 * 1024
 
 
 def pack(obj: Any, what: str = "value") -> Blob:
@@ -82,225 +85,160 @@ def unpack(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- wire
-def _encode(batch: list[dict[str, Any]]) -> list[Any]:
-    buffers: list[pickle.PickleBuffer] = []
+def _encode(batch: list[dict[str, Any]], copy: bool) -> Pickled:
+    """One batch as one pickle; large buffers (blobs' tensors and arrays) as their own frames.
+
+    ``copy``: the frames are copied (in-process comms hand over the object itself, and the
+    receiver must not share memory with the sender's values).
+    """
+    buffers: list[Any] = []
 
     def out_of_band(buf: pickle.PickleBuffer) -> bool:
-        if buf.raw().nbytes <= _IN_BAND:
+        raw = buf.raw()
+        if raw.nbytes <= _IN_BAND:
             return True  # small: stays in the pickle stream
-        buffers.append(buf)
+        buffers.append(bytearray(raw) if copy else raw)
         return False
 
     head = pickle.dumps(batch, protocol=5, buffer_callback=out_of_band)
-    frames: list[bytes | memoryview] = [head, *(b.raw() for b in buffers)]
-    sizes = b"".join(_U64.pack(len(f) if isinstance(f, bytes) else f.nbytes) for f in frames)
-    return [_U64.pack(len(frames)), sizes, *frames]
+    return Pickled({"pickled-obj": head}, buffers)
 
 
-class _Framed(asyncio.BufferedProtocol):
-    """Length-prefixed frames; one callback per batch.
+def _decode(msg: Any) -> list[dict[str, Any]]:
+    """A batch as read from a comm (in-process comms hand over the :class:`Pickled` unread)."""
+    if isinstance(msg, Pickled):
+        batch = pickle.loads(msg.header["pickled-obj"], buffers=msg.frames)
+    else:
+        batch = msg
+    if not isinstance(batch, list):
+        raise TypeError(f"a twinkle stream carries lists of messages, not {type(batch).__name__}")
+    return cast("list[dict[str, Any]]", batch)
 
-    Small frames are parsed out of a staging buffer (many per read); a large
-    frame is received straight into its own buffer, which the unpickled
-    tensor or array then uses as its memory.
+
+def connect_timeout() -> float:
+    """``distributed.comm.timeouts.connect`` in seconds (read at call time)."""
+    return float(parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="seconds"))
+
+
+class _Stream:
+    """Both ends' use of one Dask comm: batched writes, and a reader that hands over each batch.
+
+    Messages pushed while a write is in flight (or during the same turn of the
+    event loop) leave together in the next write. ``heard`` is when something
+    last arrived from the peer.
     """
 
-    def __init__(self, on_batch: Callable[[list[dict[str, Any]]], None], on_lost: Callable[[Any], None],
-                 on_made: Callable[[_Framed], None] | None = None) -> None:
-        self.on_batch = on_batch
+    def __init__(self, comm: Comm, on_lost: Callable[[BaseException | None], None]) -> None:
+        self.comm = comm
         self.on_lost = on_lost
-        self.on_made = on_made
-        self.transport: asyncio.Transport | None = None
-        self._stage = bytearray(_STAGING)
-        self._start = 0
-        self._end = 0
-        self._count: int | None = None
-        self._sizes: list[int] | None = None
-        self._frames: list[Any] = []
-        self._big: memoryview | None = None
-        self._big_have = 0
-        self._out: collections.deque[memoryview] = collections.deque()
-        self._paused = False
-        #: ``time.monotonic()`` when the peer last showed it is alive (sent bytes, or took ours).
         self.heard = time.monotonic()
-
-    # -- connection
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
+        self.closed = False
+        # Our own payloads unpickle without copies: never hand them to an offload thread.
+        comm.allow_offload = False
+        self._copy = isinstance(comm, InProc)
+        sock = getattr(getattr(comm, "stream", None), "socket", None)
+        if isinstance(sock, socket.socket):
             # Large tensors cross in fewer, larger chunks (the OS caps these at its own maxima).
             for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
                 except OSError:
                     pass
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-        transport.set_write_buffer_limits(high=2 * _CHUNK)
-        if self.on_made is not None:
-            self.on_made(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        self.on_lost(exc)
-
-    # -- reading
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self._big is not None:
-            return self._big[self._big_have :]
-        if self._end == len(self._stage):
-            if self._start:  # compact what is left of a partly parsed message
-                rest = self._end - self._start
-                self._stage[:rest] = self._stage[self._start : self._end]
-                self._start, self._end = 0, rest
-            else:
-                self._stage.extend(bytes(len(self._stage)))
-        return memoryview(self._stage)[self._end :]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.heard = time.monotonic()
-        if self._big is not None:
-            self._big_have += nbytes
-            if self._big_have < len(self._big):
-                return
-            self._frames.append(self._big)
-            self._big = None
-            self._maybe_done()
-        else:
-            self._end += nbytes
-        self._parse()
-
-    def _available(self) -> int:
-        return self._end - self._start
-
-    def _take(self, n: int) -> memoryview:
-        view = memoryview(self._stage)[self._start : self._start + n]
-        self._start += n
-        return view
-
-    def _parse(self) -> None:
-        while self._big is None:
-            if self._count is None:
-                if self._available() < 8:
-                    break
-                self._count = _U64.unpack_from(self._take(8))[0]
-            if self._sizes is None:
-                if self._available() < 8 * self._count:
-                    break
-                raw = self._take(8 * self._count)
-                self._sizes = [_U64.unpack_from(raw, 8 * i)[0] for i in range(self._count)]
-            if not self._next_frame():
-                break
-        if self._start == self._end:
-            self._start = self._end = 0
-            if len(self._stage) > _STAGING:
-                self._stage = bytearray(_STAGING)
-
-    def _next_frame(self) -> bool:
-        """Read the next frame if it is here; False when more bytes are needed."""
-        assert self._sizes is not None
-        size = self._sizes[len(self._frames)]
-        if size <= _SMALL:
-            if self._available() < size:
-                return False
-            self._frames.append(bytearray(self._take(size)))
-            self._maybe_done()
-            return True
-        # Large frames get their own memory, not zero-filled first (numpy.empty), which the
-        # unpickled tensor or array then uses as its storage.
-        buf = np.empty(size, dtype=np.uint8)
-        view = memoryview(buf)  # type: ignore[arg-type]  # numpy declares the buffer protocol for Python 3.12+ only
-        have = min(self._available(), size)
-        view[:have] = self._take(have)
-        if have == size:
-            self._frames.append(view)
-            self._maybe_done()
-            return True
-        self._big, self._big_have = view, have
-        return False
-
-    def _maybe_done(self) -> None:
-        assert self._sizes is not None
-        if len(self._frames) < len(self._sizes):
-            return
-        frames, self._frames = self._frames, []
-        self._count = self._sizes = None
-        batch = pickle.loads(frames[0], buffers=frames[1:])
-        self.on_batch(batch)
-
-    # -- writing
-    def send_batch(self, batch: list[dict[str, Any]]) -> None:
-        if self.transport is None:
-            raise ConnectionError("the connection is closed")
-        parts = _encode(batch)
-        if all((len(p) if isinstance(p, bytes) else p.nbytes) <= _SMALL for p in parts):
-            self._out.append(memoryview(b"".join(parts)))
-        else:
-            self._out.extend(memoryview(p).cast("B") for p in parts)
-        self._pump()
-
-    def _pump(self) -> None:
-        # Feed the transport a chunk at a time: asyncio (before 3.12) keeps unsent data in one
-        # bytearray and deletes sent bytes from its front, which is quadratic for large frames.
-        transport = self.transport
-        while self._out and not self._paused and transport is not None:
-            head = self._out[0]
-            if head.nbytes <= _CHUNK:
-                self._out.popleft()
-                transport.write(head)
-            else:
-                transport.write(head[:_CHUNK])
-                self._out[0] = head[_CHUNK:]
-
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self.heard = time.monotonic()  # the peer is reading what we send
-        self._paused = False
-        self._pump()
-
-class _Writer:
-    """Batches the messages queued while a write is in flight into the next write."""
-
-    def __init__(self) -> None:
         self._queue: list[dict[str, Any]] = []
         self._flush_scheduled = False
-        self.proto: _Framed | None = None
+        self._writing: asyncio.Task[None] | None = None  # a write that had to wait
 
     def push(self, msg: dict[str, Any]) -> None:
+        if self.closed:
+            return
         self._queue.append(msg)
-        if not self._flush_scheduled and self.proto is not None:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def start(self, proto: _Framed) -> None:
-        self.proto = proto
-        if self._queue and not self._flush_scheduled:
+        if not self._flush_scheduled and self._writing is None:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
+        """Write what is queued as one batch.
+
+        Dask's TCP and in-process comms finish a write without waiting (the
+        bytes go to the stream's buffer), so the write runs right here; a comm
+        whose write does wait is finished by a task, and what is queued
+        meanwhile leaves after it, in order.
+        """
         self._flush_scheduled = False
-        if not self._queue or self.proto is None:
+        if self.closed or not self._queue or self._writing is not None:
             return
         batch, self._queue = self._queue, []
+        coro = self.comm.write(_encode(batch, self._copy), serializers=_SERIALIZERS, on_error="raise")
         try:
-            self.proto.send_batch(batch)
-        except Exception as exc:  # a transport closing under us: the reader reports the loss
-            logger.debug("twinkle channel write failed: %s", exc)
+            waiting = coro.send(None)
+        except StopIteration:
+            return
+        except Exception as exc:  # the comm failed under us
+            logger.debug("twinkle stream write to %s failed: %s", self.comm.peer_address, exc)
+            self.lost(exc)
+            return
+        self._writing = asyncio.get_running_loop().create_task(self._finish(coro, waiting))
+
+    async def _finish(self, coro: Any, waiting: Any) -> None:
+        try:
+            while True:
+                if waiting is None:
+                    await asyncio.sleep(0)
+                else:
+                    try:
+                        await waiting
+                    except BaseException:
+                        pass  # the write sees the outcome itself when resumed
+                waiting = coro.send(None)
+        except StopIteration:
+            pass
+        except asyncio.CancelledError:
+            coro.close()
+            raise
+        except Exception as exc:
+            logger.debug("twinkle stream write to %s failed: %s", self.comm.peer_address, exc)
+            self.lost(exc)
+        finally:
+            self._writing = None
+        if self._queue and not self.closed:
+            self._flush()
+
+    async def read_loop(self, on_batch: Callable[[list[dict[str, Any]]], None]) -> None:
+        """Hand each batch that arrives to ``on_batch`` until the comm closes."""
+        comm = self.comm
+        exc: BaseException | None = None
+        try:
+            while True:
+                msg = await comm.read(deserializers=_SERIALIZERS)
+                self.heard = time.monotonic()
+                on_batch(_decode(msg))
+        except asyncio.CancelledError:
+            raise
+        except CommClosedError as e:
+            exc = e if not self.closed else None
+        except Exception as e:
+            logger.debug("twinkle stream read from %s failed: %s", comm.peer_address, e)
+            exc = e
+        finally:
+            self.lost(exc)
+
+    def lost(self, exc: BaseException | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._writing is not None:
+            self._writing.cancel()
+        self.comm.abort()
+        self.on_lost(exc)
 
 
 class Channel:
-    """A caller's end of one multiplexed connection to a worker.
+    """A caller's end of one persistent Dask comm to a worker.
 
     Used on its event loop only. :meth:`request` returns a future resolved
-    with the worker's reply; if the connection fails, every pending request
-    fails with :class:`WorkerLostError` and the channel stays lost (requests
-    to a dead worker fail at once).
+    with the worker's reply; if the comm fails, every pending request fails
+    with :class:`WorkerLostError` and the channel stays lost (requests to a
+    dead worker fail at once).
 
     While requests are outstanding the channel watches the worker: when it
     has sent nothing for a while, a ``ping`` goes out (answered on the
@@ -309,52 +247,58 @@ class Channel:
     when the watch starts) is declared lost. An idle channel sends nothing.
     """
 
-    def __init__(self, address: str, connection_args: dict[str, Any], timeout: float = 10.0,
+    def __init__(self, address: str, connection_args: dict[str, Any],
                  on_notice: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.address = address
         self.connection_args = connection_args
-        self.timeout = timeout
         self.on_notice = on_notice
         self.lost: BaseException | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._writer = _Writer()
+        self._queue: list[dict[str, Any]] = []  # messages sent before the comm is up
         self._task: asyncio.Task[None] | None = None
-        self._proto: _Framed | None = None
+        self._stream: _Stream | None = None
         self._watch: asyncio.TimerHandle | None = None
         self._limit = 0.0  # seconds of silence that make the worker lost (0: not watched)
         self._since = 0.0  # when the current watch started (monotonic)
         self._due = 0.0  # when the next check was due (monotonic)
         self._ping: int | None = None  # id of the ping in flight
 
+    @property
+    def comm(self) -> Comm | None:
+        """The Dask comm to the worker (None until connected or once lost)."""
+        return self._stream.comm if self._stream is not None else None
+
     def _ensure_started(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._connect())
+            self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def _connect(self) -> None:
-        from distributed.core import rpc
-
+    async def _run(self) -> None:
         try:
-            async with rpc(self.address, timeout=self.timeout, connection_args=self.connection_args) as r:
-                port = await r.twinkle_port()
-            host = get_address_host(self.address)
-            ssl = self.connection_args.get("ssl_context")
-            loop = asyncio.get_running_loop()
-            _, proto = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: _Framed(self._on_batch, self._on_lost), host, port, ssl=ssl,
-                    server_hostname=host if ssl is not None else None,
-                ),
-                self.timeout,
-            )
-            self._proto = proto
-            self._writer.start(proto)
+            comm = await connect(self.address, timeout=connect_timeout(), **self.connection_args)
+            await comm.write({"op": STREAM_HANDLER, "reply": False}, serializers=_SERIALIZERS, on_error="raise")
         except asyncio.CancelledError:
             self._fail(WorkerLostError(self.address, reason="channel closed"))
             raise
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self._fail(WorkerLostError(self.address, reason=reason))
+            return
+        if self.lost is not None:  # lost (or closed) while connecting
+            comm.abort()
+            return
+        stream = self._stream = _Stream(comm, self._on_lost)
+        queued, self._queue = self._queue, []
+        for msg in queued:
+            stream.push(msg)
+        await stream.read_loop(self._on_batch)
+
+    def _push(self, msg: dict[str, Any]) -> None:
+        if self._stream is not None:
+            self._stream.push(msg)
+        else:
+            self._queue.append(msg)
+            self._ensure_started()
 
     def _on_batch(self, batch: list[dict[str, Any]]) -> None:
         for reply in batch:
@@ -369,7 +313,7 @@ class Channel:
             if fut is not None and not fut.done():
                 fut.set_result(reply)
 
-    def _on_lost(self, exc: Any) -> None:
+    def _on_lost(self, exc: BaseException | None) -> None:
         reason = f"{type(exc).__name__}: {exc}" if exc else "the connection closed"
         self._fail(WorkerLostError(self.address, reason=reason))
 
@@ -379,7 +323,7 @@ class Channel:
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
-        self._writer.proto = None
+        self._queue = []
         pending, self._pending = self._pending, {}
         for fut in pending.values():
             if not fut.done():
@@ -400,17 +344,16 @@ class Channel:
         i = next(self._ids)
         msg["i"] = i
         self._pending[i] = fut
-        self._ensure_started()
-        self._writer.push(msg)
+        self._push(msg)
         if self._watch is None:
             self._start_watch()
         return fut
 
     def lose(self, reason: str) -> None:
-        """Declare the worker lost: fail every pending request and close the connection."""
+        """Declare the worker lost: fail every pending request and close the comm."""
         self._fail(WorkerLostError(self.address, reason=reason))
-        if self._proto is not None and self._proto.transport is not None:
-            self._proto.transport.abort()
+        if self._stream is not None:
+            self._stream.lost(None)
 
     # -- liveness
     def _start_watch(self) -> None:
@@ -439,7 +382,7 @@ class Channel:
         if now - self._due > step:
             # This process's own loop was held up: the silence is not the worker's doing.
             self._since = now
-        heard = max(self._since, self._proto.heard if self._proto is not None else 0.0)
+        heard = max(self._since, self._stream.heard if self._stream is not None else 0.0)
         silent = now - heard
         if silent >= self._limit:
             logger.warning("twinkle: worker %s did not answer for %.1f s; declaring it lost", self.address, silent)
@@ -462,72 +405,61 @@ class Channel:
                 f.exception()  # a lost channel fails the ping too: nobody waits on it
 
         fut.add_done_callback(done)
-        self._writer.push({"t": "ping", "i": i})
+        self._push({"t": "ping", "i": i})
 
     def send(self, msg: dict[str, Any]) -> None:
         """Send ``msg`` without waiting for a reply."""
         if self.lost is None:
-            self._ensure_started()
-            self._writer.push(msg)
+            self._push(msg)
 
     async def close(self) -> None:
-        if self._proto is not None and self._proto.transport is not None:
-            self._proto.transport.close()
+        self._fail(WorkerLostError(self.address, reason="channel closed"))
+        stream = self._stream
+        if stream is not None and not stream.closed:
+            stream.closed = True
+            if stream._writing is not None:
+                stream._writing.cancel()
+            try:
+                await stream.comm.close()
+            except Exception:
+                stream.comm.abort()
         if self._task is not None and not self._task.done():
             self._task.cancel()
             try:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
-        self._fail(WorkerLostError(self.address, reason="channel closed"))
 
 
 class ServerEnd:
-    """A worker's end of a channel: requests in, replies out."""
+    """A worker's end of a channel: requests in, replies and notices out."""
 
-    def __init__(self) -> None:
-        self._writer = _Writer()
-        self.proto: _Framed | None = None
-        self.closed = False
+    def __init__(self, comm: Comm) -> None:
+        self._stream = _Stream(comm, self._on_lost)
 
-    def attach(self, proto: _Framed) -> None:
-        self.proto = proto
-        self._writer.start(proto)
+    @property
+    def closed(self) -> bool:
+        return self._stream.closed
+
+    def _on_lost(self, exc: BaseException | None) -> None:
+        pass  # the serving loop returns; the worker frees what this caller built
 
     def reply(self, i: int, **fields: Any) -> None:
-        if self.closed:
-            return
         fields["i"] = i
-        self._writer.push(fields)
+        self._stream.push(fields)
 
     def notify(self, **fields: Any) -> None:
         """Send a one-way notice (no request id) to the caller."""
-        if not self.closed:
-            self._writer.push(fields)
+        self._stream.push(fields)
 
-
-async def serve(
-    host: str,
-    on_message: Callable[[dict[str, Any], ServerEnd], None],
-    on_close: Callable[[ServerEnd], None],
-    ssl: Any = None,
-) -> asyncio.Server:
-    """Listen for channels on ``host`` (a free port); ``on_message`` gets each request."""
-
-    def factory() -> _Framed:
-        end = ServerEnd()
+    async def serve(self, on_message: Callable[[dict[str, Any], ServerEnd], None]) -> None:
+        """Hand every request that arrives to ``on_message`` until the caller goes away."""
 
         def on_batch(batch: list[dict[str, Any]]) -> None:
             for msg in batch:
-                on_message(msg, end)
+                on_message(msg, self)
 
-        def on_lost(exc: Any) -> None:
-            end.closed = True
-            on_close(end)
-
-        return _Framed(on_batch, on_lost, on_made=end.attach)
-
-    return await asyncio.get_running_loop().create_server(factory, host, 0, ssl=ssl)
+        await self._stream.read_loop(on_batch)
 
 
 class LoopInbox:

@@ -601,12 +601,13 @@ def connect_cluster(
     """Map the groups onto the workers of an existing cluster."""
     owns = client is None
     if client is None:
-        if str(address).startswith("tls://") and (
-            security is None or security.get_connection_args("client").get("ssl_context") is None
-        ):
+        if security is None:
+            security = Security()  # what dask.config says (distributed.comm.tls.*, require-encryption)
+        if str(address).startswith("tls://") and security.get_connection_args("client").get("ssl_context") is None:
             raise ConfigurationError(
                 f"the scheduler at {address} speaks TLS: pass security=distributed.Security(tls_ca_file=..., "
-                f"tls_client_cert=..., tls_client_key=..., require_encryption=True) to initialize()"
+                f"tls_client_cert=..., tls_client_key=..., require_encryption=True) to initialize(), or set "
+                f"distributed.comm.tls.ca-file and distributed.comm.tls.client.cert/key in dask.config"
             )
         try:
             client = Client(address, security=security, direct_to_workers=True, set_as_default=False)

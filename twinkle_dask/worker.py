@@ -28,7 +28,8 @@ from typing import Any
 
 from dask.sizeof import sizeof
 from distributed import WorkerPlugin
-from distributed.comm.addressing import get_address_host
+from distributed.comm.core import Comm
+from distributed.core import Status
 
 from . import identity as _identity
 from . import reporting, runtime
@@ -38,7 +39,7 @@ from ._seed import set_determinism
 from ._serde import set_cuda_landing
 from .call import INLINE_ALL, INLINE_BYTES, INLINE_SMALL
 from .caller import Caller
-from .channel import PORT_HANDLER, ServerEnd, pack, serve, unpack
+from .channel import STREAM_HANDLER, ServerEnd, pack, unpack
 from .dashboard import CallRecorder
 from .exceptions import ColocationError, ComponentClosedError, ConfigurationError, SerializationError
 from .group import create_component, identity_from_wire
@@ -488,16 +489,12 @@ class TwinkleWorker:
         self._trim_handle: asyncio.TimerHandle | None = None
         #: Which component rank initialized torch.distributed's default process group in this process.
         self.process_group_owner: str | None = None
-        self.caller = Caller(self.loop, worker.connection_args, in_worker=True, connect_timeout=5.0,
-                             on_notice=self._on_notice)
+        self.caller = Caller(self.loop, worker.connection_args, in_worker=True, on_notice=self._on_notice)
         self.caller.block = self.executor.wait
         self.caller.nested = self.executor.on_thread
         reporting.route_process_streams()
-        self.port: int | None = None
         self.recorder = CallRecorder(worker, self.loop)
-        self._server: asyncio.Server | None = None
-        self._listening = self.loop.create_task(self._listen())
-        worker.handlers[PORT_HANDLER] = self.twinkle_port
+        worker.handlers[STREAM_HANDLER] = self.twinkle_stream
         worker.extensions[self.name] = self
         # Tensors that left a GPU land on this worker's GPU (device 0 of its CUDA_VISIBLE_DEVICES).
         set_cuda_landing(os.environ.get("TWINKLE_GPU") == "1")
@@ -530,17 +527,14 @@ class TwinkleWorker:
             )
         return host
 
-    async def _listen(self) -> None:
-        host = get_address_host(self.worker.address)
-        ssl = self.worker.security.get_listen_args("worker").get("ssl_context")
-        self._server = await serve(host, self._on_message, self._on_channel_closed, ssl=ssl)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-
-    async def twinkle_port(self, **_: Any) -> int:
-        """Dask RPC handler: the port this worker's twinkle channels listen on."""
-        await asyncio.shield(self._listening)
-        assert self.port is not None
-        return self.port
+    async def twinkle_stream(self, comm: Comm) -> Status:
+        """Dask handler: serve a caller's channel on ``comm`` until the caller goes away."""
+        end = ServerEnd(comm)
+        try:
+            await end.serve(self._on_message)
+        finally:
+            self._on_channel_closed(end)
+        return Status.dont_reply
 
     def _on_channel_closed(self, end: ServerEnd) -> None:
         # The caller that built these components went away (its process exited): free them.
