@@ -123,3 +123,39 @@ def test_workers_listen_only_on_dasks_own_ports():
         for address, (listening, own) in ports.items():
             assert int(address.rsplit(":", 1)[1]) in own
             assert listening == own, (address, listening, own)
+
+
+def _transports(dask_worker):
+    ext = dask_worker.extensions["twinkle"]
+    return sorted((type(ch.comm).__name__, ch.transport) for ch in ext.caller._channels.values())
+
+
+def _set_take(take):
+    import dask
+
+    dask.config.set({"twinkle-dask.comm.take-tcp-socket": take})  # this worker process's setting
+
+
+@pytest.mark.parametrize("take", [True, False])
+def test_tcp_channels_run_the_socket_dask_connected_unless_configured_not_to(take):
+    import dask
+
+    from twinkle_dask.testing import local_session
+
+    with dask.config.set({"twinkle-dask.comm.take-tcp-socket": take}), \
+            local_session(producer=1, consumer=1) as client:
+        session = twinkle.runtime.process_session()
+        client.run(_set_take, take)
+        producer = Echo(remote_group="producer")
+        consumer = Echo(remote_group="consumer")
+        assert producer.recv([3, 4])() == {"args": [[3, 4]], "kwargs": {}}
+        big = producer.big(4 * 1024 * 1024)  # 4 MiB: large frames on the stream
+        assert consumer.describe.options(dispatch="all")(big)() == {"type": "ndarray", "len": 524288, "values": [0.0]}
+        expected = "socket" if take else "comm"
+        assert sorted((type(ch.comm).__name__, ch.transport) for ch in session.caller._channels.values()) == [
+            ("TCP", expected), ("TCP", expected)]
+        kinds = client.run(_transports, workers=list(session.placements["consumer"].addresses))
+        assert list(kinds.values()) == [[("TCP", expected)]]
+        # Many calls in flight on one channel come back in order with their own values.
+        lazies = [producer.recv.options(lazy_collect=True)(i) for i in range(200)]
+        assert [lazy()["args"][0] for lazy in lazies] == list(range(200))

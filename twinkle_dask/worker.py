@@ -39,7 +39,7 @@ from ._seed import set_determinism
 from ._serde import set_cuda_landing
 from .call import INLINE_ALL, INLINE_BYTES, INLINE_SMALL
 from .caller import Caller
-from .channel import STREAM_HANDLER, ServerEnd, pack, unpack
+from .channel import STREAM_HANDLER, ServerEnd, can_take_socket, pack, unpack
 from .dashboard import CallRecorder
 from .exceptions import ColocationError, ComponentClosedError, ConfigurationError, SerializationError
 from .group import create_component, identity_from_wire
@@ -481,6 +481,8 @@ class TwinkleWorker:
         self.worker = worker
         self.loop: asyncio.AbstractEventLoop = worker.loop.asyncio_loop
         self.hosts: dict[str, RankHost] = {}
+        #: The channels served here (closed with the worker).
+        self.ends: set[ServerEnd] = set()
         self.children: list[Any] = []
         #: Counters for tests and benchmarks: results served to other processes.
         self.stats = {"fetches": 0, "fetch_bytes": 0, "calls": 0, "inline_bytes": 0}
@@ -527,14 +529,28 @@ class TwinkleWorker:
             )
         return host
 
-    async def twinkle_stream(self, comm: Comm) -> Status:
-        """Dask handler: serve a caller's channel on ``comm`` until the caller goes away."""
-        end = ServerEnd(comm)
+    async def twinkle_stream(self, comm: Comm, take: bool = False) -> Status:
+        """Dask handler: serve a caller's channel on ``comm`` until the caller goes away.
+
+        ``take``: the caller asks to run the connection's TCP socket itself
+        (see :func:`twinkle_dask.channel.can_take_socket`); the answer goes
+        back on the comm before either end does.
+        """
+        if take:
+            take = can_take_socket(comm)
+            await comm.write({"take": take}, serializers=("pickle",), on_error="raise")
+        end = ServerEnd(comm, take)
+        self.ends.add(end)
         try:
             await end.serve(self._on_message)
         finally:
+            self.ends.discard(end)
             self._on_channel_closed(end)
         return Status.dont_reply
+
+    async def close(self) -> None:
+        """Dask calls this when the worker closes: end every channel served here."""
+        await asyncio.gather(*(end.close() for end in list(self.ends)), return_exceptions=True)
 
     def _on_channel_closed(self, end: ServerEnd) -> None:
         # The caller that built these components went away (its process exited): free them.
