@@ -8,7 +8,7 @@ import pytest
 from components import IDENTITY_VARS
 
 from twinkle_dask import DeviceGroup, remote_class, remote_function
-from twinkle_dask.cluster import gpu_count, rotated_devices
+from twinkle_dask._deploy.cluster import gpu_count, rotated_devices
 from twinkle_dask.exceptions import ConfigurationError
 from twinkle_dask.testing import local_session
 

@@ -3,7 +3,7 @@
 The contract (semantics.md, "Lazy results"): a consumer rank given a lazy input gets exactly what
 it would get had the driver collected the value and dispatched it with the consumer's own
 dispatch and mesh, fetching only the producer shards its slice needs. Here the fetch is faked
-with ``twinkle_dask.resolve.extract`` over the producer results held in memory.
+with ``twinkle_dask._worker.resolve.extract`` over the producer results held in memory.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from twinkle_dask._worker.resolve import extract
 from twinkle_dask.collect import collect
 from twinkle_dask.dispatch import dispatch
 from twinkle_dask.exceptions import DispatchError
@@ -32,7 +33,6 @@ from twinkle_dask.lazy import (
     replace,
 )
 from twinkle_dask.mesh import DeviceMesh
-from twinkle_dask.resolve import extract
 
 VIEW_COLLECTS = ("none", "first", "flatten", "last_pp", "last_pp_first")
 SLICING_DISPATCHES = ("slice", "slice_dp")

@@ -95,7 +95,7 @@ def test_dask_cuda_workers_of_a_local_cluster_speak_tls_too(monkeypatch):
     pytest.importorskip("dask_cuda")
     from distributed import Security
 
-    from twinkle_dask.cluster import gpu_count
+    from twinkle_dask._deploy.cluster import gpu_count
     from twinkle_dask.testing import local_session
 
     if gpu_count() > 0:

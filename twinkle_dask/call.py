@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from .caller import Caller
-from .channel import pack
+from ._wire.caller import Caller
+from ._wire.channel import pack
 from .dispatch import Dispatcher
 from .exceptions import ComponentClosedError, SerializationError
 from .futures import CallInfo, LazyResult

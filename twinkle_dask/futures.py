@@ -16,9 +16,9 @@ from typing import Any
 from . import progress
 from ._checks import check_timeout
 from ._config import seconds
-from ._errors import add_note, decode_error
-from .caller import Caller
-from .channel import unpack
+from ._wire.caller import Caller
+from ._wire.channel import unpack
+from ._wire.errors import add_note, decode_error
 from .collect import MISSING, Collector, collect
 from .exceptions import CallTimeoutError, SerializationError, WorkerLostError
 from .lazy import LazySource, Meta

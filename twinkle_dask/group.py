@@ -25,9 +25,9 @@ from typing import Any
 from . import progress, runtime
 from ._checks import check_timeout
 from ._config import seconds
-from ._errors import decode_error
+from ._wire.channel import pack
+from ._wire.errors import decode_error
 from .call import CallTarget, caller_site, invoke, prepare_inputs
-from .channel import pack
 from .exceptions import (
     CallTimeoutError,
     ComponentClosedError,

@@ -10,7 +10,7 @@ view, and fetches only the pieces (:data:`FetchKey`) its slice covers. Where a
 view cannot be built (``mean``, custom collect, tuple results) it fetches the
 results the collect strategy reads and collects them itself.
 
-Everything here is pure; the fetching happens in :mod:`twinkle_dask.worker`.
+Everything here is pure; the fetching happens in :mod:`twinkle_dask._worker.extension`.
 """
 
 from __future__ import annotations

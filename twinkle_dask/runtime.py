@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .exceptions import ConfigurationError
 
 if TYPE_CHECKING:
-    from .caller import Caller
+    from ._wire.caller import Caller
     from .mesh import DeviceMesh
 
 __all__ = ["GroupPlacement", "LocalSession", "Session", "current", "set_process_session"]

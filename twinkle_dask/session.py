@@ -22,9 +22,7 @@ from . import identity as _identity
 from . import runtime
 from ._checks import check_bool, check_count, check_int, check_str, check_timeout
 from ._config import seconds
-from ._seed import seed_everything
-from .caller import Caller
-from .cluster import (
+from ._deploy.cluster import (
     ClusterConnection,
     _tag_worker,
     check_cluster_options,
@@ -34,6 +32,8 @@ from .cluster import (
     start_local_cluster,
     stop_local_cluster,
 )
+from ._seed import seed_everything
+from ._wire.caller import Caller
 from .exceptions import ConfigurationError, WorkerLostError, WorkerRestartError
 from .group import BuildPlan, ComponentRef, create_component
 from .mesh import DeviceGroup, DeviceMesh, resolve_groups

@@ -32,11 +32,11 @@ from distributed.comm.registry import get_backend
 from distributed.deploy.spec import ProcessInterface
 from distributed.worker_memory import parse_memory_limit
 
-from .dashboard import TwinkleSchedulerPlugin
-from .exceptions import ClusterUnreachableError, ConfigurationError, ConfigurationTypeError
-from .mesh import ResolvedGroup
-from .runtime import GroupPlacement
-from .worker import TwinklePlugin
+from ..dashboard import TwinkleSchedulerPlugin
+from ..exceptions import ClusterUnreachableError, ConfigurationError, ConfigurationTypeError
+from ..mesh import ResolvedGroup
+from ..runtime import GroupPlacement
+from ..worker import TwinklePlugin
 
 __all__ = [
     "ClusterConnection",
@@ -79,7 +79,7 @@ def restart_delay(restarts: int) -> float:
 
 
 class WorkerProcess(ProcessInterface):
-    """A Dask worker in a subprocess of the driver (``python -m twinkle_dask._launch``).
+    """A Dask worker in a subprocess of the driver (``python -m twinkle_dask._deploy.launch``).
 
     With ``cuda=True`` the subprocess runs dask-cuda's ``CUDAWorker``: one
     worker per GPU in its CUDA_VISIBLE_DEVICES.
@@ -101,7 +101,7 @@ class WorkerProcess(ProcessInterface):
         super().__init__()
 
     async def _spawn(self) -> None:
-        cmd = [sys.executable, "-m", "twinkle_dask._launch", self.scheduler, "--name", self.worker_name,
+        cmd = [sys.executable, "-m", "twinkle_dask._deploy.launch", self.scheduler, "--name", self.worker_name,
                "--host", self.host, "--resources", json.dumps(self.resources), "--parent", str(os.getpid()),
                "--memory-limit", str(self.memory_limit)]
         if self.cuda:
@@ -167,7 +167,7 @@ class WorkerProcess(ProcessInterface):
 
 
 class Zygote:
-    """The driver's end of ``python -m twinkle_dask._launch --zygote``: forks CPU workers on request."""
+    """The driver's end of ``python -m twinkle_dask._deploy.launch --zygote``: forks CPU workers on request."""
 
     def __init__(self, memory_limit: int = 0) -> None:
         self.process: asyncio.subprocess.Process | None = None
@@ -177,7 +177,7 @@ class Zygote:
         # Its own session, so Ctrl-C in the driver's terminal does not reach it or its workers; it
         # exits when the driver goes away (its stdin closes), and its workers when it does.
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "twinkle_dask._launch", "--zygote", ",".join(preload),
+            sys.executable, "-m", "twinkle_dask._deploy.launch", "--zygote", ",".join(preload),
             stdin=asyncio.subprocess.PIPE, env=env, start_new_session=True,
         )
 

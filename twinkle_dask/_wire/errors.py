@@ -18,8 +18,8 @@ import pickle
 import traceback
 from typing import Any
 
+from ..exceptions import RemoteError
 from .channel import pack, unpack
-from .exceptions import RemoteError
 
 NOTE = "[twinkle_dask]"
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import cloudpickle
 
-from ._types import tensor_type
+from .._types import tensor_type
 
 __all__ = ["Blob", "dumps_blob", "set_cuda_landing"]
 

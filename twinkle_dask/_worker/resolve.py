@@ -16,13 +16,13 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ._errors import add_note, decode_error
-from .channel import unpack
-from .collect import MISSING, collect
-from .dispatch import Dispatcher
-from .exceptions import SerializationError
-from .lazy import KEEP, FetchKey, LazySource, LazyView, Meta, ShardView, plan_view, replace
-from .mesh import DeviceMesh
+from .._wire.channel import unpack
+from .._wire.errors import add_note, decode_error
+from ..collect import MISSING, collect
+from ..dispatch import Dispatcher
+from ..exceptions import SerializationError
+from ..lazy import KEEP, FetchKey, LazySource, LazyView, Meta, ShardView, plan_view, replace
+from ..mesh import DeviceMesh
 
 __all__ = ["Resolver", "extract"]
 

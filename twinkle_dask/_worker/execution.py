@@ -41,9 +41,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from . import identity as _identity
-from . import reporting, runtime
-from ._seed import seed_on_import
+from .. import identity as _identity
+from .. import reporting, runtime
+from .._seed import seed_on_import
 
 __all__ = ["Executor", "Streams"]
 

@@ -17,8 +17,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+from ..exceptions import WorkerLostError
 from .channel import Channel, LoopInbox
-from .exceptions import WorkerLostError
 
 __all__ = ["Caller"]
 

@@ -1,4 +1,4 @@
-"""Entry point of local-cluster worker processes: ``python -m twinkle_dask._launch``.
+"""Entry point of local-cluster worker processes: ``python -m twinkle_dask._deploy.launch``.
 
 Workers are started as plain subprocesses (not multiprocessing children), so
 the driver's script is never re-imported and needs no ``__main__`` guard, and
@@ -34,7 +34,7 @@ from typing import Any
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m twinkle_dask._launch")
+    parser = argparse.ArgumentParser(prog="python -m twinkle_dask._deploy.launch")
     parser.add_argument("scheduler")
     parser.add_argument("--name", required=True)
     parser.add_argument("--host", default="127.0.0.1")
@@ -146,7 +146,7 @@ def zygote(preload: list[str]) -> None:
     import distributed  # noqa: F401  (the point: imported once, before forking)
 
     import twinkle_dask.worker  # noqa: F401
-    from twinkle_dask.cluster import restart_delay
+    from twinkle_dask._deploy.cluster import restart_delay
 
     for name in preload:
         try:

@@ -13,7 +13,7 @@ Messages on one channel arrive in the order they were sent, which is what
 keeps calls on a component ordered.
 
 Payloads travel pre-serialized as :class:`Blob` (pickle protocol 5, tensors
-and arrays as out-of-band buffers, see :mod:`twinkle_dask._serde`): the caller
+and arrays as out-of-band buffers, see :mod:`twinkle_dask._wire.serde`): the caller
 serializes arguments in its own thread, so an unpicklable argument fails at
 the call site, and the receiver unpacks each payload on its own, so one bad
 payload fails one call. On the wire a batch of messages is one pickle whose
@@ -44,9 +44,9 @@ from distributed.comm.inproc import InProc
 from distributed.comm.tcp import TCP
 from distributed.protocol.serialize import Pickled
 
-from ._config import seconds
-from ._serde import Blob, dumps_blob
-from .exceptions import ConfigurationError, SerializationError, WorkerLostError
+from .._config import seconds
+from ..exceptions import ConfigurationError, SerializationError, WorkerLostError
+from .serde import Blob, dumps_blob
 
 __all__ = ["Blob", "Channel", "LoopInbox", "ServerEnd", "connect_timeout", "pack", "unpack"]
 

@@ -1,0 +1,1 @@
+"""Private subsystem of twinkle_dask."""

@@ -1,0 +1,658 @@
+"""The worker side: hosting component ranks, running their calls, serving their results.
+
+Every worker that runs twinkle components carries a :class:`TwinkleWorker`
+extension, installed by the ``twinkle_dask.worker`` preload (``dask worker
+--preload twinkle_dask.worker``) or by :class:`TwinklePlugin`. Each component
+rank on the worker is a :class:`RankHost` (its instance, its identity, its
+random streams, its kept results); the worker's one
+:class:`~twinkle_dask._worker.execution.Executor` runs the ``__init__`` and methods of
+all of them, one at a time, in the order the calls arrived, while the
+worker's event loop keeps answering fetches of earlier results and resolving
+the lazy inputs of later calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import functools
+import inspect
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+from dask.sizeof import sizeof
+from distributed.comm.core import Comm
+from distributed.core import Status
+
+from .. import identity as _identity
+from .. import reporting, runtime
+from .._seed import set_determinism
+from .._wire.caller import Caller
+from .._wire.channel import STREAM_HANDLER, ServerEnd, can_take_socket, pack, unpack
+from .._wire.errors import decode_error, encode_error
+from .._wire.serde import set_cuda_landing
+from ..call import INLINE_ALL, INLINE_BYTES, INLINE_SMALL
+from ..dashboard import CallRecorder
+from ..exceptions import ColocationError, ComponentClosedError, ConfigurationError, SerializationError
+from ..group import create_component, identity_from_wire
+from ..lazy import Meta
+from .execution import Executor, Streams
+from .resolve import Resolver, extract
+
+__all__ = ["RankHost", "TwinkleWorker"]
+
+logger = logging.getLogger(__name__)
+
+#: How long a fetch waits for a call that has not reached this worker yet.
+ARRIVAL_TIMEOUT = 120.0
+
+#: Seconds between a release of results and the trim that gives their memory back (at most one per period).
+TRIM_DELAY = 0.5
+
+
+@sizeof.register_lazy("torch")  # type: ignore[untyped-decorator]  # dask.sizeof is not annotated
+def _register_torch_sizeof() -> None:
+    # dask.sizeof does not know torch tensors (it would say ~80 bytes): without this, large tensor
+    # results would count as small and travel back with every reply.
+    import torch
+
+    @sizeof.register(torch.Tensor)  # type: ignore[untyped-decorator]
+    def _sizeof_tensor(t: Any) -> int:
+        return int(t.element_size() * t.nelement())
+
+
+class WorkerContext:
+    """The session as component code on a worker sees it (calls collect eagerly)."""
+
+    mode = "dask"
+    in_worker = True
+    lazy_collect = False
+    notify = None
+    closed = False
+
+    def __init__(self, ext: TwinkleWorker, group: str) -> None:
+        self._ext = ext
+        self.group = group
+        self.info: dict[str, Any] = {"groups": {}, "seed": 42, "full_determinism": False, "global_mesh": None}
+
+    @property
+    def caller(self) -> Caller:
+        return self._ext.caller
+
+    @property
+    def seed(self) -> int:
+        return int(self.info["seed"])
+
+    @property
+    def full_determinism(self) -> bool:
+        return bool(self.info["full_determinism"])
+
+    @property
+    def global_mesh(self) -> Any:
+        return self.info["global_mesh"]
+
+    def builds_remotely(self, group: str) -> bool:
+        return group != self.group
+
+    def build(self, klass: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return create_component(self, klass, args, kwargs)
+
+    def placement(self, group: str) -> runtime.GroupPlacement:
+        groups = self.info["groups"]
+        if group not in groups:
+            raise ConfigurationError(f"unknown remote_group {group!r}; known groups are {sorted(groups)}")
+        return groups[group]
+
+    def session_info(self) -> dict[str, Any]:
+        return self.info
+
+    def track(self, ref: Any, plan: Any = None) -> None:
+        self._ext.children.append(ref)
+
+
+class Job:
+    """One unit of work for the worker's executor: a component rank's construction, or one call."""
+
+    __slots__ = ("args", "end", "error", "kind", "kwargs", "msg", "payload", "ready", "started", "stopped")
+
+    def __init__(self, kind: str, msg: dict[str, Any], end: ServerEnd) -> None:
+        self.kind = kind
+        self.msg = msg
+        self.end = end
+        self.ready: threading.Event | None = None
+        self.payload: Any = None
+        self.args: Any = None
+        self.kwargs: Any = None
+        self.error: BaseException | None = None
+        self.started = self.stopped = 0.0
+
+
+class RankOutcome:
+    """A finished call on this rank: its value (kept for fetches) or its error."""
+
+    __slots__ = ("error", "meta", "name", "ok", "packed", "stop", "value")
+
+    def __init__(self, ok: bool, value: Any = None, meta: Meta | None = None, packed: Any = None,
+                 error: dict[str, Any] | None = None, stop: bool = False, name: str = "") -> None:
+        self.ok = ok
+        self.name = name
+        self.value = value
+        self.meta = meta
+        self.packed = packed
+        self.error = error
+        self.stop = stop
+
+
+class RankHost:
+    """One component rank on this worker: its instance, identity, random streams and results."""
+
+    def __init__(self, ext: TwinkleWorker, cid: str, label: str, ident: _identity.Identity, owner: ServerEnd) -> None:
+        self.ext = ext
+        self.cid = cid
+        self.label = label
+        self.identity = ident
+        self.owner = owner
+        self.loop = ext.loop
+        self.context = WorkerContext(ext, ident.group)
+        self.streams = Streams(42, False)
+        self.instance: Any = None
+        self.iterator: Any = None
+        self.results: dict[int, RankOutcome] = {}
+        self.waiters: dict[int, list[asyncio.Future[RankOutcome]]] = defaultdict(list)
+        self.pending: set[int] = set()
+        self.released_early: set[int] = set()
+        self.max_id = 0
+        self.closed = False
+        self._aloop: asyncio.AbstractEventLoop | None = None
+        self._partial: dict[str, str] = {}
+        self._idle: list[asyncio.Future[None]] = []
+        self._who = f"{label} rank {ident.rank}"
+
+    # ------------------------------------------------------------------ loop side
+    def submit(self, job: Job) -> None:
+        msg = job.msg
+        if job.kind == "call" and msg.get("keep"):
+            k = msg["k"]
+            self.max_id = max(self.max_id, k)
+            self.pending.add(k)
+        if msg.get("lz") or msg.get("rd"):
+            job.ready = threading.Event()
+            self.loop.create_task(self._resolve(job))
+        self.ext.executor.submit(self, job, nested=bool(msg.get("x")))
+
+    async def _resolve(self, job: Job) -> None:
+        assert job.ready is not None
+        try:
+            resolver = self.ext.resolver()
+            msg = job.msg
+            payload = unpack(msg["p"])
+            if job.kind == "new":
+                klass, args, kwargs, info = payload
+                args, kwargs = await resolver.materialize((args, kwargs))
+                job.payload = (klass, args, kwargs, info)
+            elif msg.get("rd") is not None:
+                dispatcher, n, mesh = unpack(msg["rd"])
+                args, kwargs = payload
+                job.args, job.kwargs = await resolver.remote_dispatch(dispatcher, n, msg["ri"], mesh, args, kwargs)
+            else:
+                job.args, job.kwargs = await resolver.materialize(payload)
+        except BaseException as exc:
+            job.error = exc
+        finally:
+            job.ready.set()
+
+    def _finished(self, job: Job, outcome: RankOutcome) -> None:
+        msg = job.msg
+        method = msg["m"] if job.kind == "call" else "__init__"
+        self.ext.recorder.record(self.label, method, self.cid, msg.get("k", 0), self.identity.rank,
+                                 job.started, job.stopped, outcome.ok)
+        if job.kind == "call" and msg.get("keep"):
+            k = msg["k"]
+            self.pending.discard(k)
+            if k in self.released_early:
+                self.released_early.discard(k)
+            elif not self.closed:
+                self.results[k] = outcome
+            for fut in self.waiters.pop(k, ()):
+                if not fut.done():
+                    fut.set_result(outcome)
+        fields: dict[str, Any] = {"ok": outcome.ok}
+        if outcome.ok:
+            fields["m"] = outcome.meta.to_wire() if outcome.meta is not None else None
+            if outcome.packed is not None:
+                fields["v"] = outcome.packed
+                self.ext.stats["inline_bytes"] += outcome.packed.nbytes
+                if outcome.packed.device:  # GPU tensors: consumers fetch them to land on their device
+                    fields["g"] = True
+            if outcome.stop:
+                fields["s"] = True
+        else:
+            fields.update(outcome.error or {})
+        outcome.packed = None
+        job.end.reply(msg["i"], **fields)
+
+    def release(self, ids: list[int]) -> None:
+        for k in ids:
+            if self.results.pop(k, None) is None and k in self.pending:
+                self.released_early.add(k)
+
+    async def outcome(self, k: int) -> RankOutcome:
+        """The outcome of kept call ``k``, waiting for it if it is still to come."""
+        found = self.results.get(k)
+        if found is not None:
+            return found
+        if self.closed:
+            raise ComponentClosedError(f"{self.label} rank {self.identity.rank} was closed")
+        if k in self.pending or k > self.max_id:
+            fut: asyncio.Future[RankOutcome] = self.loop.create_future()
+            self.waiters[k].append(fut)
+            timeout = None if k in self.pending else ARRIVAL_TIMEOUT
+            return await asyncio.wait_for(fut, timeout)
+        raise LookupError(
+            f"the result of call {k} on {self.label} rank {self.identity.rank} is no longer held: it "
+            f"was collected or released; keep the LazyResult alive while it is being passed on"
+        )
+
+    def close(self) -> bool:
+        """Close this rank; returns whether one of its jobs is running right now (it cannot be stopped)."""
+        self.closed = True
+        self.results.clear()
+        for futs in self.waiters.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_exception(ComponentClosedError(f"{self.label} rank {self.identity.rank} was closed"))
+        self.waiters.clear()
+        executor = self.ext.executor
+        executor.call_soon(self._drop)  # after the jobs already queued (they see ``closed``)
+        return executor.is_running(self)
+
+    def idle(self) -> asyncio.Future[None]:
+        """A future (loop side) that is set when no job of this rank runs any more."""
+        fut: asyncio.Future[None] = self.loop.create_future()
+        if not self.ext.executor.is_running(self):
+            fut.set_result(None)
+        else:
+            self._idle.append(fut)
+        return fut
+
+    def left(self) -> None:
+        """Executor thread: the last running job of this rank ended."""
+        if self._idle:
+            try:
+                self.loop.call_soon_threadsafe(self._set_idle)
+            except RuntimeError:  # worker loop closed
+                pass
+
+    def _set_idle(self) -> None:
+        waiting, self._idle = self._idle, []
+        for fut in waiting:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _drop(self) -> None:
+        # Executor thread: the instance goes with its last job.
+        self.instance = self.iterator = None
+        self.ext.executor.forget(self)
+        if self._aloop is not None:
+            self._aloop.close()
+            self._aloop = None
+
+    # ------------------------------------------------------------------ executor thread
+    def run(self, job: Job) -> None:
+        """Run one job; the executor has made this rank's identity and streams the process's."""
+        if job.ready is not None:
+            job.ready.wait()
+        job.started = time.time()
+        if self.closed:
+            outcome = RankOutcome(False, error=encode_error(
+                ComponentClosedError(f"{self.label} rank {self.identity.rank} was closed")))
+        elif job.kind == "new":
+            outcome = self._construct(job)
+        else:
+            outcome = self._call(job)
+        job.stopped = time.time()
+        self._flush_output()
+        # The call's arguments go now, not when the next call arrives.
+        job.payload = job.args = job.kwargs = job.error = None
+        job.msg.pop("p", None)
+        job.msg.pop("rd", None)
+        try:
+            self.loop.call_soon_threadsafe(self._finished, job, outcome)
+        except RuntimeError:  # worker loop closed
+            pass
+
+    # -- what the component says (component thread)
+    def output(self, stream: str, text: str) -> None:
+        pending = self._partial.get(stream, "") + text
+        complete, _, rest = pending.rpartition("\n")
+        self._partial[stream] = rest
+        if complete:
+            self._notify(o=complete + "\n", s=stream, w=self._who)
+
+    def _flush_output(self) -> None:
+        for stream, rest in list(self._partial.items()):
+            if rest:
+                self._partial[stream] = ""
+                self._notify(o=rest + "\n", s=stream, w=self._who)
+
+    def metrics(self, values: dict[str, Any]) -> None:
+        self._notify(r=values, w=self.label, k=self.identity.rank, t=time.time())
+
+    def _notify(self, **fields: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(functools.partial(self.owner.notify, **fields))
+        except RuntimeError:  # the worker's loop is closed
+            pass
+
+    def _construct(self, job: Job) -> RankOutcome:
+        try:
+            if job.error is not None:
+                raise job.error
+            klass, args, kwargs, info = job.payload if job.payload is not None else unpack(job.msg["p"])
+            self.context.info = info
+            self.streams.seed, self.streams.full_determinism = self.context.seed, self.context.full_determinism
+            set_determinism(self.context.full_determinism)
+            # Built by the executor with this rank's streams installed: seeded, as a process of its own.
+            self.streams.install()
+            pg_before = _default_group_initialized()
+            try:
+                self.instance = klass(*args, **kwargs)
+            except BaseException as exc:
+                if pg_before and _second_init(exc):
+                    raise ColocationError(self.label, self.identity.rank, self.identity.group,
+                                          self.ext.process_group_owner) from exc
+                raise
+            if not pg_before and _default_group_initialized():
+                ident = self.identity
+                self.ext.process_group_owner = f"{self.label} (rank {ident.rank} of group {ident.group!r})"
+            try:
+                self.instance.remote_group = self.identity.group
+            except AttributeError:
+                pass
+            return RankOutcome(True)
+        except BaseException as exc:
+            return RankOutcome(False, error=encode_error(exc))
+
+    def _call(self, job: Job) -> RankOutcome:
+        msg = job.msg
+        name = msg["m"]
+        try:
+            if job.error is not None:
+                raise job.error
+            if job.args is not None:
+                args, kwargs = job.args, job.kwargs
+            else:
+                args, kwargs = unpack(msg["p"])
+            if self.instance is None:
+                raise ComponentClosedError(f"{self.label} rank {self.identity.rank} has no instance")
+            if name == "__twinkle_next__":
+                if self.iterator is None:
+                    raise RuntimeError(f"{self.label}: iteration was not started on this rank")
+                try:
+                    value = next(self.iterator)
+                except StopIteration:
+                    return RankOutcome(True, meta=Meta("none"), stop=True)
+            elif name == "__iter__":
+                self.iterator = iter(self.instance)
+                value = None
+            elif name == "__len__":
+                value = len(self.instance)
+            else:
+                value = getattr(self.instance, name)(*args, **kwargs)
+                if inspect.isawaitable(value):
+                    value = self._run_async(value)
+            return self._ok(value, msg["inl"], name)
+        except BaseException as exc:
+            return RankOutcome(False, error=encode_error(exc))
+
+    def _ok(self, value: Any, inline: int, name: str) -> RankOutcome:
+        packed = None
+        if inline == INLINE_ALL or (inline == INLINE_SMALL and _small(value)):
+            try:
+                packed = pack(value, result_name(self.label, name, self.identity.rank))
+            except SerializationError:
+                if inline == INLINE_ALL:
+                    raise
+        return RankOutcome(True, value, Meta.of(value), packed, name=name)
+
+    def _run_async(self, awaitable: Any) -> Any:
+        if self._aloop is None:
+            self._aloop = asyncio.new_event_loop()
+        return self._aloop.run_until_complete(awaitable)
+
+
+def _default_group_initialized() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and bool(dist.is_available()) and bool(dist.is_initialized())
+
+
+def _second_init(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch's refusal to initialize the default process group a second time."""
+    return isinstance(exc, (RuntimeError, ValueError)) and "default process group twice" in str(exc)
+
+
+def result_name(label: str, method: str, rank: int) -> str:
+    """How serialization errors name a result: the same for inline replies and fetches."""
+    return f"the result of {label}.{method} on rank {rank}"
+
+
+def _small(value: Any) -> bool:
+    """Whether ``value`` is small enough to travel with the reply."""
+    try:
+        return bool(sizeof(value) <= INLINE_BYTES)
+    except RecursionError:  # nested too deep to measure: pickling it will say so
+        return True
+
+
+def _malloc_trim() -> None:
+    """``malloc_trim(0)``: return the free pages of every glibc heap to the system (no-op elsewhere)."""
+    global _trim_fn
+    if _trim_fn is None:
+        try:
+            _trim_fn = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _trim_fn = False
+    if _trim_fn:
+        _trim_fn(0)
+
+
+_trim_fn: Any = None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+class TwinkleWorker:
+    """The twinkle extension of a Dask worker."""
+
+    name = "twinkle"
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.loop: asyncio.AbstractEventLoop = worker.loop.asyncio_loop
+        self.hosts: dict[str, RankHost] = {}
+        #: The channels served here (closed with the worker).
+        self.ends: set[ServerEnd] = set()
+        self.children: list[Any] = []
+        #: Counters for tests and benchmarks: results served to other processes.
+        self.stats = {"fetches": 0, "fetch_bytes": 0, "calls": 0, "inline_bytes": 0}
+        #: Runs the component code of this worker, one job at a time (see twinkle_dask._worker.execution).
+        self.executor = Executor(f"twinkle-executor-{worker.name}")
+        self._trim_handle: asyncio.TimerHandle | None = None
+        #: Which component rank initialized torch.distributed's default process group in this process.
+        self.process_group_owner: str | None = None
+        self.caller = Caller(self.loop, worker.connection_args, in_worker=True, on_notice=self._on_notice)
+        self.caller.block = self.executor.wait
+        self.caller.nested = self.executor.on_thread
+        reporting.route_process_streams()
+        self.recorder = CallRecorder(worker, self.loop)
+        worker.handlers[STREAM_HANDLER] = self.twinkle_stream
+        worker.extensions[self.name] = self
+        # Tensors that left a GPU land on this worker's GPU (device 0 of its CUDA_VISIBLE_DEVICES).
+        set_cuda_landing(os.environ.get("TWINKLE_GPU") == "1")
+
+    @staticmethod
+    def _on_notice(notice: dict[str, Any]) -> None:
+        # Output of a component that a component on this worker built: show it here.
+        if "o" in notice:
+            reporting.show_output(notice["w"], notice["s"], notice["o"])
+
+    def resolver(self) -> Resolver:
+        async def request(address: str, msg: dict[str, Any]) -> dict[str, Any]:
+            return await self.caller.request(address, msg)
+
+        return Resolver(self.worker.address, request, self._read_local)
+
+    async def _read_local(self, cid: str, call_id: int, index: int, path: tuple[Any, ...], rng: Any) -> Any:
+        host = self._host(cid)
+        outcome = await host.outcome(call_id)
+        if not outcome.ok:
+            raise decode_error(outcome.error or {}, f"input produced by {host.label} on rank {index}")
+        return extract(outcome.value, path, rng)
+
+    def _host(self, cid: str) -> RankHost:
+        host = self.hosts.get(cid)
+        if host is None:
+            raise ComponentClosedError(
+                f"component {cid} is not on worker {self.worker.address}: it was closed, or its worker "
+                f"was restarted"
+            )
+        return host
+
+    async def twinkle_stream(self, comm: Comm, take: bool = False) -> Status:
+        """Dask handler: serve a caller's channel on ``comm`` until the caller goes away.
+
+        ``take``: the caller asks to run the connection's TCP socket itself
+        (see :func:`twinkle_dask._wire.channel.can_take_socket`); the answer goes
+        back on the comm before either end does.
+        """
+        if take:
+            take = can_take_socket(comm)
+            await comm.write({"take": take}, serializers=("pickle",), on_error="raise")
+        end = ServerEnd(comm, take)
+        self.ends.add(end)
+        try:
+            await end.serve(self._on_message)
+        finally:
+            self.ends.discard(end)
+            self._on_channel_closed(end)
+        return Status.dont_reply
+
+    async def close(self) -> None:
+        """Dask calls this when the worker closes: end every channel served here."""
+        await asyncio.gather(*(end.close() for end in list(self.ends)), return_exceptions=True)
+
+    def _on_channel_closed(self, end: ServerEnd) -> None:
+        # The caller that built these components went away (its process exited): free them.
+        for cid in [c for c, h in self.hosts.items() if h.owner is end]:
+            self._close(cid)
+
+    def _on_message(self, msg: dict[str, Any], end: ServerEnd) -> None:
+        kind = msg["t"]
+        i: Any = msg.get("i")  # the request id (wire data); None for one-way messages
+        try:
+            if kind == "call":
+                self._host(msg["c"]).submit(Job("call", msg, end))
+                self.stats["calls"] += 1
+            elif kind == "f":
+                self.loop.create_task(self._serve_fetch(msg, end))
+            elif kind == "mt":
+                self.loop.create_task(self._serve_meta(msg, end))
+            elif kind == "rel":
+                host = self.hosts.get(msg["c"])
+                if host is not None:
+                    host.release(msg["ids"])
+                    self.trim_soon()
+            elif kind == "new":
+                ident = identity_from_wire(msg["id"])
+                if msg["c"] in self.hosts:
+                    raise RuntimeError(f"component {msg['c']} already exists on this worker")
+                host = RankHost(self, msg["c"], msg["lbl"], ident, end)
+                self.hosts[msg["c"]] = host
+                host.submit(Job("new", msg, end))
+            elif kind == "close":
+                self.loop.create_task(self._serve_close(msg, end))
+            elif kind == "port":
+                end.reply(i, ok=True, port=_free_port())
+            elif kind == "ping":
+                end.reply(i, ok=True, n=len(self.hosts))
+            elif kind == "stats":
+                held = sum(len(h.results) for h in self.hosts.values())
+                end.reply(i, ok=True, stats=dict(self.stats, hosts=len(self.hosts), held=held))
+            else:
+                raise ValueError(f"unknown twinkle message {kind!r}")
+        except Exception as exc:
+            if i is not None:
+                end.reply(i, ok=False, **encode_error(exc))
+            else:
+                logger.warning("twinkle: could not handle %r message: %s", kind, exc)
+
+    async def _serve_fetch(self, msg: dict[str, Any], end: ServerEnd) -> None:
+        try:
+            host = self._host(msg["c"])
+            outcome = await host.outcome(msg["k"])
+            if not outcome.ok:
+                end.reply(msg["i"], ok=False, **(outcome.error or {}))
+                return
+            value = extract(outcome.value, msg.get("p") or (), msg.get("r"))
+            packed = pack(value, result_name(host.label, outcome.name, host.identity.rank))
+            self.stats["fetches"] += 1
+            self.stats["fetch_bytes"] += packed.nbytes
+            end.reply(msg["i"], ok=True, v=packed)
+        except Exception as exc:
+            end.reply(msg["i"], ok=False, **encode_error(exc))
+
+    async def _serve_meta(self, msg: dict[str, Any], end: ServerEnd) -> None:
+        try:
+            outcome = await self._host(msg["c"]).outcome(msg["k"])
+            meta = outcome.meta.to_wire() if outcome.ok and outcome.meta is not None else None
+            end.reply(msg["i"], ok=outcome.ok, m=meta)
+        except Exception as exc:
+            end.reply(msg["i"], ok=False, **encode_error(exc))
+
+    def trim_soon(self) -> None:
+        """Give memory freed by released results back to the system, at most once per TRIM_DELAY.
+
+        glibc keeps freed memory in its heaps; Dask's nanny makes it trim eagerly
+        with MALLOC_TRIM_THRESHOLD_, which makes every large buffer a fresh
+        mmap (see cluster._worker_env). One ``malloc_trim(0)`` after a burst of
+        releases returns the same memory without that cost on every call.
+        """
+        if self._trim_handle is None:
+            self._trim_handle = self.loop.call_later(TRIM_DELAY, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_handle = None
+        self.loop.run_in_executor(None, _malloc_trim)
+
+    def _close(self, cid: str) -> bool:
+        """Close a component rank; returns whether a job of it is still running (stuck or busy)."""
+        host = self.hosts.pop(cid, None)
+        return host.close() if host is not None else False
+
+    async def _serve_close(self, msg: dict[str, Any], end: ServerEnd) -> None:
+        """Close a component rank; with ``w`` seconds, wait that long for a running job of it to end.
+
+        The reply's ``running`` says whether one is still running: code that
+        cannot be stopped from outside its process, which only a restart of
+        the worker frees.
+        """
+        host = self.hosts.get(msg["c"])
+        running = self._close(msg["c"])
+        if running and host is not None and msg.get("w"):
+            idle = host.idle()
+            try:
+                await asyncio.wait_for(idle, float(msg["w"]))
+                running = False
+            except TimeoutError:
+                pass
+        end.reply(msg["i"], ok=True, running=running)
