@@ -519,11 +519,11 @@ class _SocketStream:
         elif self._queue:
             self._flush()
         try:
-            exc = await done
+            why = await done
         except asyncio.CancelledError:
             self.lost(None)
             raise
-        self.lost(exc if exc is not None else (None if self.closed else CommClosedError("connection closed")))
+        self.lost(why if why is not None else (None if self.closed else CommClosedError("connection closed")))
 
     def lost(self, exc: BaseException | None) -> None:
         if self.closed:
