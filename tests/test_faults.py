@@ -14,6 +14,7 @@ from components import Echo, Relay, Rendezvous, Resilient, SlowInit
 
 import twinkle_dask as twinkle
 from twinkle_dask import DeviceGroup, close_component, runtime
+from twinkle_dask._wire.protocol import Close
 from twinkle_dask.exceptions import CallTimeoutError, ConfigurationError, WorkerLostError, WorkerRestartError
 from twinkle_dask.testing import local_session, worker_stats
 
@@ -319,9 +320,9 @@ def test_the_close_reply_says_whether_the_component_is_still_running():
         before = _calls(busy, 0)
         busy.sleep(30)
         _until_received(busy, 0, before)
-        replies = [caller.request_threadsafe(h._twinkle_ref.addresses[0], {"t": "close", "c": h._twinkle_ref.cid})
-                   .result(10) for h in (idle, busy)]
-        assert [(r["ok"], r["running"]) for r in replies] == [(True, False), (True, True)]
+        replies = [caller.request_threadsafe(h._twinkle_ref.addresses[0], Close(h._twinkle_ref.cid)).result(10)
+                   for h in (idle, busy)]
+        assert [(r.ok, r.running) for r in replies] == [(True, False), (True, True)]
 
 
 # --------------------------------------------------------------------------- existing clusters

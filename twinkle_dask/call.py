@@ -22,6 +22,7 @@ from typing import Any
 
 from ._wire.caller import Caller
 from ._wire.channel import pack
+from ._wire.protocol import INLINE_ALL, INLINE_SMALL, Call
 from .dispatch import Dispatcher
 from .exceptions import ComponentClosedError, SerializationError
 from .futures import CallInfo, LazyResult
@@ -34,12 +35,6 @@ __all__ = ["CallTarget", "caller_site", "invoke", "prepare_inputs"]
 logger = logging.getLogger(__name__)
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-#: Results up to this many bytes come back with the reply even for lazy calls.
-INLINE_BYTES = 64 * 1024
-
-INLINE_NONE, INLINE_SMALL, INLINE_ALL = 0, 1, 2
-
 
 @dataclass(frozen=True, slots=True)
 class CallTarget:
@@ -212,13 +207,8 @@ def invoke(
     msgs = []
     nested = caller.nested is not None and caller.nested()  # made by component code
     for slot, payload in enumerate(payloads):
-        msg = {"t": "call", "c": target.cid, "k": call_id, "m": method, "p": payload,
-               "keep": keep, "inl": inline, "lz": has_sources}
-        if remote_dispatch is not None:
-            msg["rd"], msg["ri"] = remote_dispatch, slot
-        if nested:
-            msg["x"] = True
-        msgs.append(msg)
+        msgs.append(Call(target.cid, call_id, method, payload, keep, inline, has_sources,
+                         remote_dispatch, slot if remote_dispatch is not None else 0, nested))
 
     def send() -> None:
         for slot, msg in enumerate(msgs):

@@ -19,6 +19,7 @@ from ._config import seconds
 from ._wire.caller import Caller
 from ._wire.channel import unpack
 from ._wire.errors import add_note, decode_error
+from ._wire.protocol import ErrorInfo, Fetch, Reply
 from .collect import MISSING, Collector, collect
 from .exceptions import CallTimeoutError, SerializationError, WorkerLostError
 from .lazy import LazySource, Meta
@@ -59,7 +60,7 @@ class CallInfo:
 class Outcome:
     """One rank's answer to a call."""
 
-    __slots__ = ("device", "error", "fields", "has_value", "meta", "ok", "packed", "stop", "value")
+    __slots__ = ("device", "error", "has_value", "info", "meta", "ok", "packed", "stop", "value")
 
     def __init__(self) -> None:
         self.ok = False
@@ -69,22 +70,23 @@ class Outcome:
         self.has_value = False
         self.value: Any = None
         self.stop = False
-        self.fields: dict[str, Any] | None = None
+        #: The worker's description of the error (``error``: one raised here, e.g. a lost worker).
+        self.info: ErrorInfo | None = None
         self.error: BaseException | None = None
 
     @classmethod
-    def from_reply(cls, reply: dict[str, Any]) -> Outcome:
+    def from_reply(cls, reply: Reply) -> Outcome:
         out = cls()
-        out.ok = bool(reply.get("ok"))
-        out.stop = bool(reply.get("s"))
-        out.device = bool(reply.get("g"))
+        out.ok = reply.ok
+        out.stop = reply.stop
+        out.device = reply.device
         if out.ok:
-            out.meta = Meta.from_wire(reply.get("m"))
-            if "v" in reply:
-                out.packed = reply["v"]
+            out.meta = Meta.from_wire(reply.meta)
+            if reply.value is not None:
+                out.packed = reply.value
                 out.has_value = True
         else:
-            out.fields = reply
+            out.info = reply.error
         return out
 
     @classmethod
@@ -182,7 +184,7 @@ class LazyResult:
         return self
 
     # ------------------------------------------------------------------ loop side
-    def _on_reply(self, slot: int, fut: asyncio.Future[dict[str, Any]]) -> None:
+    def _on_reply(self, slot: int, fut: asyncio.Future[Reply]) -> None:
         if fut.cancelled():
             outcome = Outcome.lost(WorkerLostError(self._info.addresses[slot], reason="call cancelled"))
         elif fut.exception() is not None:
@@ -232,8 +234,8 @@ class LazyResult:
         if first.error is not None:
             what = f"{type(first.error).__name__}: {first.error}"
         else:
-            assert first.fields is not None
-            what = f"{first.fields.get('tn', 'Exception')}: {first.fields.get('msg', '')}"
+            info = first.info
+            what = f"{info.type_name}: {info.message}" if info is not None else "Exception"
         ranks = [self._info.ranks[i] for i in failed]
         site = f" (called from {self._info.site})" if self._info.site else ""
         return f"{self._info.label}.{self._info.method} failed on rank(s) {ranks}: {what}{site}"
@@ -306,8 +308,7 @@ class LazyResult:
                     if self._info.site:
                         add_note(exc, _call_site_note(self._info.site))
                 else:
-                    assert outcome.fields is not None
-                    exc = decode_error(outcome.fields, self._info.where(slot), _call_site_note(self._info.site))
+                    exc = decode_error(outcome.info, self._info.where(slot), _call_site_note(self._info.site))
                 self._error = exc
                 break
         if self._error is not None:
@@ -320,7 +321,7 @@ class LazyResult:
             outcome = self._outcomes[slot]
             assert outcome is not None
             if not outcome.has_value:
-                msg = {"t": "f", "c": self._info.cid, "k": self._info.call_id, "p": [], "r": None}
+                msg = Fetch(self._info.cid, self._info.call_id)
                 futures[slot] = self._caller.request_threadsafe(self._info.addresses[slot], msg)
         for slot, fut in futures.items():
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -338,11 +339,11 @@ class LazyResult:
                     component=f"{self._info.label}.{self._info.method}",
                     reason=exc.reason,
                 ) from None
-            if not reply.get("ok"):
-                raise decode_error(reply, self._info.where(slot), _call_site_note(self._info.site))
+            if not reply.ok:
+                raise decode_error(reply.error, self._info.where(slot), _call_site_note(self._info.site))
             outcome = self._outcomes[slot]
             assert outcome is not None
-            outcome.packed, outcome.has_value = reply.get("v"), True
+            outcome.packed, outcome.has_value = reply.value, True
 
     def _values(self, slots: list[int], timeout: float | None) -> list[Any]:
         timeout = self._info.timeout if timeout is None else timeout

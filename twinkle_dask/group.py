@@ -27,6 +27,7 @@ from ._checks import check_timeout
 from ._config import seconds
 from ._wire.channel import pack
 from ._wire.errors import decode_error
+from ._wire.protocol import Build, Close, FreePort, Reply
 from .call import CallTarget, caller_site, invoke, prepare_inputs
 from .exceptions import (
     CallTimeoutError,
@@ -168,14 +169,14 @@ def _build(session: Any, plan: BuildPlan, site: str | None) -> ComponentRef:
     caller = session.caller
     wait = PORT_TIMEOUT if deadline is None else max(0.0, min(PORT_TIMEOUT, deadline - time.monotonic()))
     try:
-        port_reply = caller.request_threadsafe(addresses[0], {"t": "port"}).result(wait)
+        port_reply = caller.request_threadsafe(addresses[0], FreePort()).result(wait)
     except concurrent.futures.TimeoutError:
         raise WorkerLostError(addresses[0], group=group, rank=0, component=f"{label}.__init__",
                               reason=f"no answer within {wait:g} s") from None
     except WorkerLostError as exc:
         raise WorkerLostError(exc.address, group=group, rank=0, component=f"{label}.__init__",
                               reason=exc.reason) from None
-    master_addr, master_port = hosts[0], int(port_reply["port"])
+    master_addr, master_port = hosts[0], port_reply.port
     futures = []
     for rank, address in enumerate(addresses):
         if place.is_gpu:
@@ -184,10 +185,8 @@ def _build(session: Any, plan: BuildPlan, site: str | None) -> ComponentRef:
             local_rank = hosts[:rank].count(hosts[rank])
             local_world = hosts.count(hosts[rank])
         ident = Identity(rank, n, local_rank, local_world, master_addr, master_port, group, f"{group}-{label}-{rank}")
-        msg = {"t": "new", "c": cid, "p": plan.payload, "id": list(_identity_wire(ident)), "lbl": label,
-               "lz": plan.has_lazy}
-        if caller.nested is not None and caller.nested():
-            msg["x"] = True  # built by component code: runs before the target worker's queued calls
+        # Built by component code (nested): runs before the target worker's queued calls.
+        msg = Build(cid, plan.payload, ident, label, plan.has_lazy, caller.nested is not None and caller.nested())
         futures.append(caller.request_threadsafe(address, msg))
     errors = _first_failures(caller, futures, deadline, label, group, addresses, site)
     ref = ComponentRef(cid, plan.klass, group, plan.execute, tuple(range(n)), addresses, plan.mesh,
@@ -211,7 +210,7 @@ def _add_note(exc: BaseException, note: str) -> BaseException:
     return exc
 
 
-def _rank_error(fut: concurrent.futures.Future[dict[str, Any]], rank: int, label: str, group: str,
+def _rank_error(fut: concurrent.futures.Future[Reply], rank: int, label: str, group: str,
                 address: str, site: str | None) -> BaseException | None:
     """The error of a finished construction request on ``rank``, or None if the rank was built."""
     try:
@@ -221,13 +220,13 @@ def _rank_error(fut: concurrent.futures.Future[dict[str, Any]], rank: int, label
                                reason=exc.reason)
     except Exception as exc:
         return exc
-    if reply.get("ok"):
+    if reply.ok:
         return None
-    return decode_error(reply, f"raised by {label}.__init__ on rank {rank} of group {group!r} ({address})",
+    return decode_error(reply.error, f"raised by {label}.__init__ on rank {rank} of group {group!r} ({address})",
                         f"called from {site}" if site else "")
 
 
-_Reply = concurrent.futures.Future[dict[str, Any]]
+_Reply = concurrent.futures.Future[Reply]
 
 
 def _wait_first(caller: Any, pending: set[_Reply], timeout: float | None) -> tuple[set[_Reply], set[_Reply]]:
@@ -256,7 +255,7 @@ def _wait_first(caller: Any, pending: set[_Reply], timeout: float | None) -> tup
     return done, pending - done
 
 
-def _first_failures(caller: Any, futures: list[concurrent.futures.Future[dict[str, Any]]], deadline: float | None,
+def _first_failures(caller: Any, futures: list[concurrent.futures.Future[Reply]], deadline: float | None,
                     label: str, group: str, addresses: tuple[str, ...], site: str | None) -> dict[int, BaseException]:
     """Wait for every rank's construction; stop at the first failure or at ``deadline``.
 
@@ -278,7 +277,7 @@ def _first_failures(caller: Any, futures: list[concurrent.futures.Future[dict[st
     return errors
 
 
-def _teardown(session: Any, ref: ComponentRef, futures: list[concurrent.futures.Future[dict[str, Any]]],
+def _teardown(session: Any, ref: ComponentRef, futures: list[concurrent.futures.Future[Reply]],
               errors: dict[int, BaseException]) -> None:
     """Drop a failed construction's instances; restart the workers of ranks still inside ``__init__``.
 
@@ -290,7 +289,7 @@ def _teardown(session: Any, ref: ComponentRef, futures: list[concurrent.futures.
     """
     caller = session.caller
     lost = {r for r, e in errors.items() if isinstance(e, WorkerLostError)}
-    closes = {r: caller.request_threadsafe(a, {"t": "close", "c": ref.cid})
+    closes = {r: caller.request_threadsafe(a, Close(ref.cid))
               for r, a in enumerate(ref.addresses) if r not in lost}
     grace = seconds("teardown-grace")
     deadline = time.monotonic() + grace
@@ -300,7 +299,7 @@ def _teardown(session: Any, ref: ComponentRef, futures: list[concurrent.futures.
         if close.done() and isinstance(close.exception(), WorkerLostError):
             continue  # its worker is gone anyway
         confirmed = close.done() and close.exception() is None
-        if confirmed and not close.result().get("running"):
+        if confirmed and not close.result().running:
             continue  # nothing of it runs: a construction still queued there sees it closed and is skipped
         # Inside __init__ (or no answer at all): give it what is left of the grace to finish on its own.
         finished, _ = concurrent.futures.wait([futures[rank]], max(0.0, deadline - time.monotonic()))
@@ -371,20 +370,9 @@ def restart_component(handle: Any, timeout: float = 120.0) -> None:
     object.__setattr__(handle, "_twinkle_ref", new)
 
 
-def _identity_wire(ident: Identity) -> tuple[Any, ...]:
-    return (ident.rank, ident.world_size, ident.local_rank, ident.local_world_size,
-            ident.master_addr, ident.master_port, ident.group, ident.worker_name)
-
-
-def identity_from_wire(wire: list[Any]) -> Identity:
-    return Identity(*wire)
-
-
-def _send_close(caller: Any, ref: ComponentRef, wait: float = 0.0) -> list[concurrent.futures.Future[dict[str, Any]]]:
-    msg: dict[str, Any] = {"t": "close", "c": ref.cid}
-    if wait:
-        msg["w"] = wait  # the worker answers once nothing of the component runs, or after ``wait`` s
-    return [caller.request_threadsafe(a, dict(msg)) for a in ref.addresses]
+def _send_close(caller: Any, ref: ComponentRef, wait: float = 0.0) -> list[concurrent.futures.Future[Reply]]:
+    # With ``wait``, a worker answers once nothing of the component runs, or after ``wait`` s.
+    return [caller.request_threadsafe(a, Close(ref.cid, wait)) for a in ref.addresses]
 
 
 def _close_or_find_stuck(session: Any, ref: ComponentRef) -> list[str]:
@@ -405,7 +393,7 @@ def _close_or_find_stuck(session: Any, ref: ComponentRef) -> list[str]:
         except concurrent.futures.TimeoutError:
             stuck.append(address)
             continue
-        if reply.get("running"):
+        if reply.running:
             stuck.append(address)
     return stuck
 

@@ -34,6 +34,7 @@ from ._deploy.cluster import (
 )
 from ._seed import seed_everything
 from ._wire.caller import Caller
+from ._wire.protocol import Close, Notice, Output
 from .exceptions import ConfigurationError, WorkerLostError, WorkerRestartError
 from .group import BuildPlan, ComponentRef, create_component
 from .mesh import DeviceGroup, DeviceMesh, resolve_groups
@@ -336,12 +337,12 @@ class DaskSession:
         raise WorkerRestartError([address], "no process of this local cluster serves that address")
 
     # ------------------------------------------------------------------ what components say
-    def _on_notice(self, notice: dict[str, Any]) -> None:
-        if "o" in notice:
-            show_output(notice["w"], notice["s"], notice["o"])
-        elif "r" in notice:
-            self.metrics_log.add({"component": notice["w"], "rank": notice["k"], "time": notice["t"],
-                                  **notice["r"]})
+    def _on_notice(self, notice: Notice) -> None:
+        if isinstance(notice, Output):
+            show_output(notice.who, notice.stream, notice.text)
+        else:
+            self.metrics_log.add({"component": notice.component, "rank": notice.rank, "time": notice.time,
+                                  **notice.values})
 
     # ------------------------------------------------------------------ notifications
     def _notify(self, message: str) -> None:
@@ -363,7 +364,7 @@ class DaskSession:
             return
         self.closed = True
         futures = [
-            self._caller.request_threadsafe(addr, {"t": "close", "c": record.ref.cid})
+            self._caller.request_threadsafe(addr, Close(record.ref.cid))
             for record in self._components.values()
             for addr in record.ref.addresses
         ]

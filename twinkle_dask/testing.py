@@ -19,6 +19,7 @@ from typing import Any
 
 from . import runtime
 from ._types import tensor_type
+from ._wire.protocol import Stats
 from .exceptions import NotInitializedError
 from .mesh import DeviceGroup
 from .session import DaskSession, initialize, shutdown
@@ -74,8 +75,8 @@ def worker_stats() -> dict[str, dict[str, int]]:
     if not isinstance(session, DaskSession) or session.closed:
         raise NotInitializedError("worker_stats() needs a running dask session")
     addresses = sorted({a for p in session.placements.values() for a in p.addresses})
-    futures = {a: session.caller.request_threadsafe(a, {"t": "stats"}) for a in addresses}
-    return {a: dict(f.result(30)["stats"]) for a, f in futures.items()}
+    futures = {a: session.caller.request_threadsafe(a, Stats()) for a in addresses}
+    return {a: dict(f.result(30).stats or {}) for a, f in futures.items()}
 
 
 def assert_same(actual: Any, expected: Any, path: str = "value") -> None:

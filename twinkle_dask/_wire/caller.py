@@ -19,6 +19,7 @@ from typing import Any
 
 from ..exceptions import WorkerLostError
 from .channel import Channel, LoopInbox
+from .protocol import Notice, Release, Reply, Request
 
 __all__ = ["Caller"]
 
@@ -50,7 +51,7 @@ class Caller:
         connection_args: dict[str, Any],
         *,
         in_worker: bool,
-        on_notice: Callable[[dict[str, Any]], None] | None = None,
+        on_notice: Callable[[Notice], None] | None = None,
     ) -> None:
         self.loop = loop
         self.on_notice = on_notice
@@ -114,7 +115,7 @@ class Caller:
         ch = self._channels.get(address)
         return None if ch is None else ch.lost
 
-    def request(self, address: str, msg: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+    def request(self, address: str, msg: Request) -> asyncio.Future[Reply]:
         """Send a request from the loop thread."""
         return self.channel(address).request(msg)
 
@@ -125,14 +126,14 @@ class Caller:
             raise RuntimeError("caller is closed")
         self.inbox.post(fn)
 
-    def request_threadsafe(self, address: str, msg: dict[str, Any]) -> concurrent.futures.Future[dict[str, Any]]:
+    def request_threadsafe(self, address: str, msg: Request) -> concurrent.futures.Future[Reply]:
         """Send a request from any thread; the returned future is thread-safe."""
-        out: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+        out: concurrent.futures.Future[Reply] = concurrent.futures.Future()
 
         def send() -> None:
             fut = self.request(address, msg)
 
-            def done(f: asyncio.Future[dict[str, Any]]) -> None:
+            def done(f: asyncio.Future[Reply]) -> None:
                 if f.cancelled():
                     out.cancel()
                 elif f.exception() is not None:
@@ -176,7 +177,7 @@ class Caller:
             for cid, call_id in items:
                 by_cid[cid].append(call_id)
             for cid, ids in by_cid.items():
-                ch.send({"t": "rel", "c": cid, "ids": ids})
+                ch.send(Release(cid, tuple(ids)))
 
     async def aclose(self) -> None:
         """Close every channel (loop thread)."""

@@ -46,11 +46,15 @@ from distributed.protocol.serialize import Pickled
 
 from .._config import seconds
 from ..exceptions import ConfigurationError, SerializationError, WorkerLostError
+from .protocol import Notice, Ping, Reply, Request
 from .serde import Blob, dumps_blob
 
 __all__ = ["Blob", "Channel", "LoopInbox", "ServerEnd", "connect_timeout", "pack", "unpack"]
 
 logger = logging.getLogger(__name__)
+
+#: What a batch holds: ``(request_id, message)``; request id 0 wants no reply.
+Entry = tuple[int, Request | Reply | Notice]
 
 #: The Dask handler a worker's twinkle extension registers for channels.
 STREAM_HANDLER = "twinkle_stream"
@@ -88,7 +92,7 @@ def unpack(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- wire
-def _encode(batch: list[dict[str, Any]], copy: bool) -> Pickled:
+def _encode(batch: list[Entry], copy: bool) -> Pickled:
     """One batch as one pickle; large buffers (blobs' tensors and arrays) as their own frames.
 
     ``copy``: the frames are copied (in-process comms hand over the object itself, and the
@@ -107,7 +111,7 @@ def _encode(batch: list[dict[str, Any]], copy: bool) -> Pickled:
     return Pickled({"pickled-obj": head}, buffers)
 
 
-def _decode(msg: Any) -> list[dict[str, Any]]:
+def _decode(msg: Any) -> list[Entry]:
     """A batch as read from a comm (in-process comms hand over the :class:`Pickled` unread)."""
     if isinstance(msg, Pickled):
         batch = pickle.loads(msg.header["pickled-obj"], buffers=msg.frames)
@@ -115,7 +119,7 @@ def _decode(msg: Any) -> list[dict[str, Any]]:
         batch = msg
     if not isinstance(batch, list):
         raise TypeError(f"a twinkle stream carries lists of messages, not {type(batch).__name__}")
-    return cast("list[dict[str, Any]]", batch)
+    return cast("list[Entry]", batch)
 
 
 def connect_timeout() -> float:
@@ -147,11 +151,11 @@ class _Stream:
                     sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
                 except OSError:
                     pass
-        self._queue: list[dict[str, Any]] = []
+        self._queue: list[Entry] = []
         self._flush_scheduled = False
         self._writing: asyncio.Task[None] | None = None  # a write that had to wait
 
-    def push(self, msg: dict[str, Any]) -> None:
+    def push(self, msg: Entry) -> None:
         if self.closed:
             return
         self._queue.append(msg)
@@ -206,7 +210,7 @@ class _Stream:
         if self._queue and not self.closed:
             self._flush()
 
-    async def read_loop(self, on_batch: Callable[[list[dict[str, Any]]], None]) -> None:
+    async def read_loop(self, on_batch: Callable[[list[Entry]], None]) -> None:
         """Hand each batch that arrives to ``on_batch`` until the comm closes."""
         comm = self.comm
         exc: BaseException | None = None
@@ -259,7 +263,7 @@ _STAGING = 256 * 1024
 _CHUNK = 512 * 1024
 
 
-def _frame(batch: list[dict[str, Any]]) -> list[Any]:
+def _frame(batch: list[Entry]) -> list[Any]:
     """One batch as length-prefixed frames: count, sizes, the pickle, its large buffers."""
     buffers: list[Any] = []
 
@@ -312,7 +316,7 @@ class _Framed(asyncio.BufferedProtocol):
     tensor or array then uses as its memory.
     """
 
-    def __init__(self, on_batch: Callable[[list[dict[str, Any]]], None],
+    def __init__(self, on_batch: Callable[[list[Entry]], None],
                  on_lost: Callable[[BaseException | None], None]) -> None:
         self.on_batch = on_batch
         self.on_lost = on_lost
@@ -416,7 +420,7 @@ class _Framed(asyncio.BufferedProtocol):
         self.on_batch(_decode(pickle.loads(frames[0], buffers=frames[1:])))
 
     # -- writing
-    def send_batch(self, batch: list[dict[str, Any]]) -> None:
+    def send_batch(self, batch: list[Entry]) -> None:
         if self.transport is None:
             raise ConnectionError("the connection is closed")
         parts = _frame(batch)
@@ -470,7 +474,7 @@ class _SocketStream:
                 self._sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
             except OSError:
                 pass
-        self._queue: list[dict[str, Any]] = []
+        self._queue: list[Entry] = []
         self._flush_scheduled = False
         self._proto: _Framed | None = None
         self._done: asyncio.Future[BaseException | None] | None = None
@@ -479,7 +483,7 @@ class _SocketStream:
     def heard(self) -> float:
         return self._proto.heard if self._proto is not None else time.monotonic()
 
-    def push(self, msg: dict[str, Any]) -> None:
+    def push(self, msg: Entry) -> None:
         if self.closed:
             return
         self._queue.append(msg)
@@ -498,7 +502,7 @@ class _SocketStream:
             logger.debug("twinkle stream write failed: %s", exc)
             self.lost(exc)
 
-    async def read_loop(self, on_batch: Callable[[list[dict[str, Any]]], None]) -> None:
+    async def read_loop(self, on_batch: Callable[[list[Entry]], None]) -> None:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[BaseException | None] = loop.create_future()
         self._done = done
@@ -578,14 +582,14 @@ class Channel:
     """
 
     def __init__(self, address: str, connection_args: dict[str, Any],
-                 on_notice: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_notice: Callable[[Notice], None] | None = None) -> None:
         self.address = address
         self.connection_args = connection_args
         self.on_notice = on_notice
         self.lost: BaseException | None = None
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._queue: list[dict[str, Any]] = []  # messages sent before the comm is up
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._queue: list[Entry] = []  # messages sent before the comm is up
         self._task: asyncio.Task[None] | None = None
         self._stream: _Stream | _SocketStream | None = None
         self._watch: asyncio.TimerHandle | None = None
@@ -640,25 +644,25 @@ class Channel:
             stream.push(msg)
         await stream.read_loop(self._on_batch)
 
-    def _push(self, msg: dict[str, Any]) -> None:
+    def _push(self, msg: Entry) -> None:
         if self._stream is not None:
             self._stream.push(msg)
         else:
             self._queue.append(msg)
             self._ensure_started()
 
-    def _on_batch(self, batch: list[dict[str, Any]]) -> None:
-        for reply in batch:
-            if "i" not in reply:  # a notice (component output, metrics), not a reply
+    def _on_batch(self, batch: list[Entry]) -> None:
+        for i, reply in batch:
+            if not i:  # a notice (component output, metrics), not a reply
                 if self.on_notice is not None:
                     try:
-                        self.on_notice(reply)
+                        self.on_notice(cast("Notice", reply))
                     except Exception:
                         logger.exception("twinkle: could not handle a notice from %s", self.address)
                 continue
-            fut = self._pending.pop(reply["i"], None)
+            fut = self._pending.pop(i, None)
             if fut is not None and not fut.done():
-                fut.set_result(reply)
+                fut.set_result(cast("Reply", reply))
 
     def _on_lost(self, exc: BaseException | None) -> None:
         reason = f"{type(exc).__name__}: {exc}" if exc else "the connection closed"
@@ -676,9 +680,9 @@ class Channel:
             if not fut.done():
                 fut.set_exception(exc)
 
-    def request(self, msg: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+    def request(self, msg: Request) -> asyncio.Future[Reply]:
         """Send ``msg`` and return a future for the reply."""
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         if self.lost is not None:
             fut.set_exception(self.lost)
             return fut
@@ -689,9 +693,8 @@ class Channel:
                 fut.set_exception(exc)
                 return fut
         i = next(self._ids)
-        msg["i"] = i
         self._pending[i] = fut
-        self._push(msg)
+        self._push((i, msg))
         if self._watch is None:
             self._start_watch()
         return fut
@@ -741,23 +744,23 @@ class Channel:
 
     def _send_ping(self) -> None:
         i = next(self._ids)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[i] = fut
         self._ping = i
 
-        def done(f: asyncio.Future[dict[str, Any]]) -> None:
+        def done(f: asyncio.Future[Reply]) -> None:
             if self._ping == i:
                 self._ping = None
             if not f.cancelled():
                 f.exception()  # a lost channel fails the ping too: nobody waits on it
 
         fut.add_done_callback(done)
-        self._push({"t": "ping", "i": i})
+        self._push((i, Ping()))
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: Request) -> None:
         """Send ``msg`` without waiting for a reply."""
         if self.lost is None:
-            self._push(msg)
+            self._push((0, msg))
 
     async def close(self) -> None:
         self._fail(WorkerLostError(self.address, reason="channel closed"))
@@ -787,20 +790,19 @@ class ServerEnd:
     def _on_lost(self, exc: BaseException | None) -> None:
         pass  # the serving loop returns; the worker frees what this caller built
 
-    def reply(self, i: int, **fields: Any) -> None:
-        fields["i"] = i
-        self._stream.push(fields)
+    def reply(self, i: int, reply: Reply) -> None:
+        self._stream.push((i, reply))
 
-    def notify(self, **fields: Any) -> None:
-        """Send a one-way notice (no request id) to the caller."""
-        self._stream.push(fields)
+    def notify(self, notice: Notice) -> None:
+        """Send a one-way notice (request id 0) to the caller."""
+        self._stream.push((0, notice))
 
-    async def serve(self, on_message: Callable[[dict[str, Any], ServerEnd], None]) -> None:
+    async def serve(self, on_message: Callable[[int, Request, ServerEnd], None]) -> None:
         """Hand every request that arrives to ``on_message`` until the caller goes away."""
 
-        def on_batch(batch: list[dict[str, Any]]) -> None:
-            for msg in batch:
-                on_message(msg, self)
+        def on_batch(batch: list[Entry]) -> None:
+            for i, msg in batch:
+                on_message(i, cast("Request", msg), self)
 
         await self._stream.read_loop(on_batch)
 

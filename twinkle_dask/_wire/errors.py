@@ -20,6 +20,7 @@ from typing import Any
 
 from ..exceptions import RemoteError
 from .channel import pack, unpack
+from .protocol import ErrorInfo
 
 NOTE = "[twinkle_dask]"
 
@@ -36,41 +37,37 @@ def _picklable_state(exc: BaseException) -> dict[str, Any]:
     return state
 
 
-def encode_error(exc: BaseException) -> dict[str, Any]:
-    """Reply fields describing ``exc`` (raised in the current thread)."""
+def encode_error(exc: BaseException) -> ErrorInfo:
+    """Describe ``exc`` (raised in the current thread) for the wire."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    fields: dict[str, Any] = {
-        "tn": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "msg": str(exc),
-        "tb": tb,
-    }
+    type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     bare = exc.with_traceback(None)
     try:
         blob = pack(bare, "exception")
         if type(unpack(blob)) is type(exc):  # survives the round trip: send it whole
-            fields["e"] = blob
-            return fields
+            return ErrorInfo(type_name, str(exc), tb, exception=blob)
     except Exception:
         pass
     try:
-        fields["es"] = pack((type(exc), exc.args, _picklable_state(exc)), "exception state")
+        state = pack((type(exc), exc.args, _picklable_state(exc)), "exception state")
     except Exception as err:  # the class itself cannot be pickled
-        fields["why"] = f"{type(exc).__name__} cannot be pickled on the worker ({type(err).__name__}: {err})"
-    return fields
+        why = f"{type(exc).__name__} cannot be pickled on the worker ({type(err).__name__}: {err})"
+        return ErrorInfo(type_name, str(exc), tb, why=why)
+    return ErrorInfo(type_name, str(exc), tb, state=state)
 
 
-def _rebuild(fields: dict[str, Any]) -> BaseException:
-    """The exception described by ``fields``; raises if it cannot be rebuilt here."""
-    if fields.get("e") is not None:
-        exc = unpack(fields["e"])
-    elif fields.get("es") is not None:
-        cls, args, state = unpack(fields["es"])
+def _rebuild(info: ErrorInfo) -> BaseException:
+    """The exception described by ``info``; raises if it cannot be rebuilt here."""
+    if info.exception is not None:
+        exc = unpack(info.exception)
+    elif info.state is not None:
+        cls, args, state = unpack(info.state)
         exc = cls.__new__(cls)
         exc.args = args
         if hasattr(exc, "__dict__"):
             exc.__dict__.update(state)
     else:
-        raise pickle.UnpicklingError(fields.get("why") or "the worker sent no pickled exception")
+        raise pickle.UnpicklingError(info.why or "the worker sent no pickled exception")
     if not isinstance(exc, BaseException):
         raise TypeError(f"the worker sent a {type(exc).__name__}, not an exception")
     if isinstance(exc, (SystemExit, StopIteration)) and exc.args:
@@ -88,21 +85,22 @@ def _why(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def decode_error(fields: dict[str, Any], *notes: str) -> BaseException:
-    """Rebuild the exception described by ``fields``, with ``notes`` attached.
+def decode_error(info: ErrorInfo | None, *notes: str) -> BaseException:
+    """Rebuild the exception described by ``info``, with ``notes`` attached.
 
     Falls back to :class:`RemoteError`, which says why, when the original
     type cannot be rebuilt here (not importable, or not picklable).
     """
-    type_name = fields.get("tn", "Exception")
+    if info is None:
+        info = ErrorInfo("Exception", "", "", why="the worker sent no description of the error")
     try:
-        exc = _rebuild(fields)
+        exc = _rebuild(info)
     except Exception as err:
-        exc = RemoteError(type_name, fields.get("msg", ""), fields.get("tb", ""), reason=_why(err))
+        exc = RemoteError(info.type_name, info.message, info.traceback, reason=_why(err))
     for note in notes:
         if note:
             exc.add_note(f"{NOTE} {note}")
-    tb = fields.get("tb")
+    tb = info.traceback
     if tb:
         exc.add_note(f"{NOTE} remote traceback:\n{tb.rstrip()}")
     return exc

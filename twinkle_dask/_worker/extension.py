@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import functools
 import inspect
 import logging
 import os
@@ -24,6 +23,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from dask.sizeof import sizeof
@@ -36,11 +36,29 @@ from .._seed import set_determinism
 from .._wire.caller import Caller
 from .._wire.channel import STREAM_HANDLER, ServerEnd, can_take_socket, pack, unpack
 from .._wire.errors import decode_error, encode_error
+from .._wire.protocol import (
+    INLINE_ALL,
+    INLINE_BYTES,
+    INLINE_SMALL,
+    Build,
+    Call,
+    Close,
+    ErrorInfo,
+    Fetch,
+    FetchMeta,
+    FreePort,
+    Metrics,
+    Notice,
+    Output,
+    Ping,
+    Release,
+    Reply,
+    Request,
+    Stats,
+)
 from .._wire.serde import set_cuda_landing
-from ..call import INLINE_ALL, INLINE_BYTES, INLINE_SMALL
 from ..dashboard import CallRecorder
 from ..exceptions import ColocationError, ComponentClosedError, ConfigurationError, SerializationError
-from ..group import create_component, identity_from_wire
 from ..lazy import Meta
 from .execution import Executor, Streams
 from .resolve import Resolver, extract
@@ -101,6 +119,8 @@ class WorkerContext:
         return group != self.group
 
     def build(self, klass: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        from ..group import create_component  # building from inside a component: the driver's path
+
         return create_component(self, klass, args, kwargs)
 
     def placement(self, group: str) -> runtime.GroupPlacement:
@@ -119,12 +139,18 @@ class WorkerContext:
 class Job:
     """One unit of work for the worker's executor: a component rank's construction, or one call."""
 
-    __slots__ = ("args", "end", "error", "kind", "kwargs", "msg", "payload", "ready", "started", "stopped")
+    __slots__ = ("args", "call_id", "end", "error", "keep", "kind", "kwargs", "method", "msg", "payload", "ready",
+                 "rid", "started", "stopped")
 
-    def __init__(self, kind: str, msg: dict[str, Any], end: ServerEnd) -> None:
-        self.kind = kind
-        self.msg = msg
+    def __init__(self, msg: Build | Call, rid: int, end: ServerEnd) -> None:
+        self.kind = "call" if isinstance(msg, Call) else "new"
+        #: The request; dropped when the job ends (its arguments go with it).
+        self.msg: Build | Call | None = msg
+        self.rid = rid
         self.end = end
+        self.method = msg.method if isinstance(msg, Call) else "__init__"
+        self.call_id = msg.call_id if isinstance(msg, Call) else 0
+        self.keep = msg.keep if isinstance(msg, Call) else False
         self.ready: threading.Event | None = None
         self.payload: Any = None
         self.args: Any = None
@@ -139,7 +165,7 @@ class RankOutcome:
     __slots__ = ("error", "meta", "name", "ok", "packed", "stop", "value")
 
     def __init__(self, ok: bool, value: Any = None, meta: Meta | None = None, packed: Any = None,
-                 error: dict[str, Any] | None = None, stop: bool = False, name: str = "") -> None:
+                 error: ErrorInfo | None = None, stop: bool = False, name: str = "") -> None:
         self.ok = ok
         self.name = name
         self.value = value
@@ -177,29 +203,32 @@ class RankHost:
     # ------------------------------------------------------------------ loop side
     def submit(self, job: Job) -> None:
         msg = job.msg
-        if job.kind == "call" and msg.get("keep"):
-            k = msg["k"]
+        assert msg is not None
+        if job.keep:
+            k = job.call_id
             self.max_id = max(self.max_id, k)
             self.pending.add(k)
-        if msg.get("lz") or msg.get("rd"):
+        if msg.lazy_inputs or (isinstance(msg, Call) and msg.remote_dispatch is not None):
             job.ready = threading.Event()
             self.loop.create_task(self._resolve(job))
-        self.ext.executor.submit(self, job, nested=bool(msg.get("x")))
+        self.ext.executor.submit(self, job, nested=msg.nested)
 
     async def _resolve(self, job: Job) -> None:
         assert job.ready is not None
         try:
             resolver = self.ext.resolver()
             msg = job.msg
-            payload = unpack(msg["p"])
-            if job.kind == "new":
+            assert msg is not None
+            payload = unpack(msg.payload)
+            if isinstance(msg, Build):
                 klass, args, kwargs, info = payload
                 args, kwargs = await resolver.materialize((args, kwargs))
                 job.payload = (klass, args, kwargs, info)
-            elif msg.get("rd") is not None:
-                dispatcher, n, mesh = unpack(msg["rd"])
+            elif msg.remote_dispatch is not None:
+                dispatcher, n, mesh = unpack(msg.remote_dispatch)
                 args, kwargs = payload
-                job.args, job.kwargs = await resolver.remote_dispatch(dispatcher, n, msg["ri"], mesh, args, kwargs)
+                job.args, job.kwargs = await resolver.remote_dispatch(dispatcher, n, msg.dispatch_slot, mesh,
+                                                                      args, kwargs)
             else:
                 job.args, job.kwargs = await resolver.materialize(payload)
         except BaseException as exc:
@@ -208,12 +237,10 @@ class RankHost:
             job.ready.set()
 
     def _finished(self, job: Job, outcome: RankOutcome) -> None:
-        msg = job.msg
-        method = msg["m"] if job.kind == "call" else "__init__"
-        self.ext.recorder.record(self.label, method, self.cid, msg.get("k", 0), self.identity.rank,
+        self.ext.recorder.record(self.label, job.method, self.cid, job.call_id, self.identity.rank,
                                  job.started, job.stopped, outcome.ok)
-        if job.kind == "call" and msg.get("keep"):
-            k = msg["k"]
+        if job.keep:
+            k = job.call_id
             self.pending.discard(k)
             if k in self.released_early:
                 self.released_early.discard(k)
@@ -222,22 +249,18 @@ class RankHost:
             for fut in self.waiters.pop(k, ()):
                 if not fut.done():
                     fut.set_result(outcome)
-        fields: dict[str, Any] = {"ok": outcome.ok}
-        if outcome.ok:
-            fields["m"] = outcome.meta.to_wire() if outcome.meta is not None else None
-            if outcome.packed is not None:
-                fields["v"] = outcome.packed
-                self.ext.stats["inline_bytes"] += outcome.packed.nbytes
-                if outcome.packed.device:  # GPU tensors: consumers fetch them to land on their device
-                    fields["g"] = True
-            if outcome.stop:
-                fields["s"] = True
+        packed, outcome.packed = outcome.packed, None
+        if not outcome.ok:
+            reply = Reply(False, error=outcome.error)
         else:
-            fields.update(outcome.error or {})
-        outcome.packed = None
-        job.end.reply(msg["i"], **fields)
+            if packed is not None:
+                self.ext.stats["inline_bytes"] += packed.nbytes
+            # GPU tensors (``device``): consumers fetch them themselves, to land on their device.
+            reply = Reply(True, value=packed, meta=outcome.meta.to_wire() if outcome.meta is not None else None,
+                          stop=outcome.stop, device=packed is not None and packed.device)
+        job.end.reply(job.rid, reply)
 
-    def release(self, ids: list[int]) -> None:
+    def release(self, ids: tuple[int, ...]) -> None:
         for k in ids:
             if self.results.pop(k, None) is None and k in self.pending:
                 self.released_early.add(k)
@@ -319,9 +342,7 @@ class RankHost:
         job.stopped = time.time()
         self._flush_output()
         # The call's arguments go now, not when the next call arrives.
-        job.payload = job.args = job.kwargs = job.error = None
-        job.msg.pop("p", None)
-        job.msg.pop("rd", None)
+        job.payload = job.args = job.kwargs = job.error = job.msg = None
         try:
             self.loop.call_soon_threadsafe(self._finished, job, outcome)
         except RuntimeError:  # worker loop closed
@@ -333,20 +354,20 @@ class RankHost:
         complete, _, rest = pending.rpartition("\n")
         self._partial[stream] = rest
         if complete:
-            self._notify(o=complete + "\n", s=stream, w=self._who)
+            self._notify(Output(self._who, stream, complete + "\n"))
 
     def _flush_output(self) -> None:
         for stream, rest in list(self._partial.items()):
             if rest:
                 self._partial[stream] = ""
-                self._notify(o=rest + "\n", s=stream, w=self._who)
+                self._notify(Output(self._who, stream, rest + "\n"))
 
     def metrics(self, values: dict[str, Any]) -> None:
-        self._notify(r=values, w=self.label, k=self.identity.rank, t=time.time())
+        self._notify(Metrics(self.label, self.identity.rank, time.time(), values))
 
-    def _notify(self, **fields: Any) -> None:
+    def _notify(self, notice: Notice) -> None:
         try:
-            self.loop.call_soon_threadsafe(functools.partial(self.owner.notify, **fields))
+            self.loop.call_soon_threadsafe(self.owner.notify, notice)
         except RuntimeError:  # the worker's loop is closed
             pass
 
@@ -354,7 +375,8 @@ class RankHost:
         try:
             if job.error is not None:
                 raise job.error
-            klass, args, kwargs, info = job.payload if job.payload is not None else unpack(job.msg["p"])
+            assert job.msg is not None
+            klass, args, kwargs, info = job.payload if job.payload is not None else unpack(job.msg.payload)
             self.context.info = info
             self.streams.seed, self.streams.full_determinism = self.context.seed, self.context.full_determinism
             set_determinism(self.context.full_determinism)
@@ -381,14 +403,15 @@ class RankHost:
 
     def _call(self, job: Job) -> RankOutcome:
         msg = job.msg
-        name = msg["m"]
+        assert isinstance(msg, Call)
+        name = msg.method
         try:
             if job.error is not None:
                 raise job.error
             if job.args is not None:
                 args, kwargs = job.args, job.kwargs
             else:
-                args, kwargs = unpack(msg["p"])
+                args, kwargs = unpack(msg.payload)
             if self.instance is None:
                 raise ComponentClosedError(f"{self.label} rank {self.identity.rank} has no instance")
             if name == "__twinkle_next__":
@@ -407,7 +430,7 @@ class RankHost:
                 value = getattr(self.instance, name)(*args, **kwargs)
                 if inspect.isawaitable(value):
                     value = self._run_async(value)
-            return self._ok(value, msg["inl"], name)
+            return self._ok(value, msg.inline, name)
         except BaseException as exc:
             return RankOutcome(False, error=encode_error(exc))
 
@@ -495,19 +518,31 @@ class TwinkleWorker:
         self.caller.nested = self.executor.on_thread
         reporting.route_process_streams()
         self.recorder = CallRecorder(worker, self.loop)
+        #: What answers each request, by its type (like ``distributed.Worker.handlers``).
+        self.handlers: dict[type, Callable[[int, Any, ServerEnd], None]] = {
+            Call: self._call,
+            Build: self._build,
+            Fetch: self._fetch,
+            FetchMeta: self._fetch_meta,
+            Release: self._release,
+            Close: self._close_rank,
+            Ping: self._ping,
+            Stats: self._stats,
+            FreePort: self._free_port,
+        }
         worker.handlers[STREAM_HANDLER] = self.twinkle_stream
         worker.extensions[self.name] = self
         # Tensors that left a GPU land on this worker's GPU (device 0 of its CUDA_VISIBLE_DEVICES).
         set_cuda_landing(os.environ.get("TWINKLE_GPU") == "1")
 
     @staticmethod
-    def _on_notice(notice: dict[str, Any]) -> None:
+    def _on_notice(notice: Notice) -> None:
         # Output of a component that a component on this worker built: show it here.
-        if "o" in notice:
-            reporting.show_output(notice["w"], notice["s"], notice["o"])
+        if isinstance(notice, Output):
+            reporting.show_output(notice.who, notice.stream, notice.text)
 
     def resolver(self) -> Resolver:
-        async def request(address: str, msg: dict[str, Any]) -> dict[str, Any]:
+        async def request(address: str, msg: Fetch | FetchMeta) -> Reply:
             return await self.caller.request(address, msg)
 
         return Resolver(self.worker.address, request, self._read_local)
@@ -516,7 +551,7 @@ class TwinkleWorker:
         host = self._host(cid)
         outcome = await host.outcome(call_id)
         if not outcome.ok:
-            raise decode_error(outcome.error or {}, f"input produced by {host.label} on rank {index}")
+            raise decode_error(outcome.error, f"input produced by {host.label} on rank {index}")
         return extract(outcome.value, path, rng)
 
     def _host(self, cid: str) -> RankHost:
@@ -556,68 +591,77 @@ class TwinkleWorker:
         for cid in [c for c, h in self.hosts.items() if h.owner is end]:
             self._close(cid)
 
-    def _on_message(self, msg: dict[str, Any], end: ServerEnd) -> None:
-        kind = msg["t"]
-        i: Any = msg.get("i")  # the request id (wire data); None for one-way messages
+    def _on_message(self, i: int, msg: Request, end: ServerEnd) -> None:
+        handler = self.handlers.get(type(msg))
         try:
-            if kind == "call":
-                self._host(msg["c"]).submit(Job("call", msg, end))
-                self.stats["calls"] += 1
-            elif kind == "f":
-                self.loop.create_task(self._serve_fetch(msg, end))
-            elif kind == "mt":
-                self.loop.create_task(self._serve_meta(msg, end))
-            elif kind == "rel":
-                host = self.hosts.get(msg["c"])
-                if host is not None:
-                    host.release(msg["ids"])
-                    self.trim_soon()
-            elif kind == "new":
-                ident = identity_from_wire(msg["id"])
-                if msg["c"] in self.hosts:
-                    raise RuntimeError(f"component {msg['c']} already exists on this worker")
-                host = RankHost(self, msg["c"], msg["lbl"], ident, end)
-                self.hosts[msg["c"]] = host
-                host.submit(Job("new", msg, end))
-            elif kind == "close":
-                self.loop.create_task(self._serve_close(msg, end))
-            elif kind == "port":
-                end.reply(i, ok=True, port=_free_port())
-            elif kind == "ping":
-                end.reply(i, ok=True, n=len(self.hosts))
-            elif kind == "stats":
-                held = sum(len(h.results) for h in self.hosts.values())
-                end.reply(i, ok=True, stats=dict(self.stats, hosts=len(self.hosts), held=held))
-            else:
-                raise ValueError(f"unknown twinkle message {kind!r}")
+            if handler is None:
+                raise ValueError(f"unknown twinkle message {type(msg).__name__}")
+            handler(i, msg, end)
         except Exception as exc:
-            if i is not None:
-                end.reply(i, ok=False, **encode_error(exc))
+            if i:
+                end.reply(i, Reply(False, error=encode_error(exc)))
             else:
-                logger.warning("twinkle: could not handle %r message: %s", kind, exc)
+                logger.warning("twinkle: could not handle a %s message: %s", type(msg).__name__, exc)
 
-    async def _serve_fetch(self, msg: dict[str, Any], end: ServerEnd) -> None:
+    # ------------------------------------------------------------------ handlers (event loop)
+    def _call(self, i: int, msg: Call, end: ServerEnd) -> None:
+        self._host(msg.component).submit(Job(msg, i, end))
+        self.stats["calls"] += 1
+
+    def _build(self, i: int, msg: Build, end: ServerEnd) -> None:
+        if msg.component in self.hosts:
+            raise RuntimeError(f"component {msg.component} already exists on this worker")
+        host = RankHost(self, msg.component, msg.label, msg.identity, end)
+        self.hosts[msg.component] = host
+        host.submit(Job(msg, i, end))
+
+    def _fetch(self, i: int, msg: Fetch, end: ServerEnd) -> None:
+        self.loop.create_task(self._serve_fetch(i, msg, end))
+
+    def _fetch_meta(self, i: int, msg: FetchMeta, end: ServerEnd) -> None:
+        self.loop.create_task(self._serve_meta(i, msg, end))
+
+    def _release(self, i: int, msg: Release, end: ServerEnd) -> None:
+        host = self.hosts.get(msg.component)
+        if host is not None:
+            host.release(msg.call_ids)
+            self.trim_soon()
+
+    def _close_rank(self, i: int, msg: Close, end: ServerEnd) -> None:
+        self.loop.create_task(self._serve_close(i, msg, end))
+
+    def _ping(self, i: int, msg: Ping, end: ServerEnd) -> None:
+        end.reply(i, Reply(True, components=len(self.hosts)))
+
+    def _stats(self, i: int, msg: Stats, end: ServerEnd) -> None:
+        held = sum(len(h.results) for h in self.hosts.values())
+        end.reply(i, Reply(True, stats=dict(self.stats, hosts=len(self.hosts), held=held)))
+
+    def _free_port(self, i: int, msg: FreePort, end: ServerEnd) -> None:
+        end.reply(i, Reply(True, port=_free_port()))
+
+    async def _serve_fetch(self, i: int, msg: Fetch, end: ServerEnd) -> None:
         try:
-            host = self._host(msg["c"])
-            outcome = await host.outcome(msg["k"])
+            host = self._host(msg.component)
+            outcome = await host.outcome(msg.call_id)
             if not outcome.ok:
-                end.reply(msg["i"], ok=False, **(outcome.error or {}))
+                end.reply(i, Reply(False, error=outcome.error))
                 return
-            value = extract(outcome.value, msg.get("p") or (), msg.get("r"))
+            value = extract(outcome.value, msg.path, msg.range)
             packed = pack(value, result_name(host.label, outcome.name, host.identity.rank))
             self.stats["fetches"] += 1
             self.stats["fetch_bytes"] += packed.nbytes
-            end.reply(msg["i"], ok=True, v=packed)
+            end.reply(i, Reply(True, value=packed))
         except Exception as exc:
-            end.reply(msg["i"], ok=False, **encode_error(exc))
+            end.reply(i, Reply(False, error=encode_error(exc)))
 
-    async def _serve_meta(self, msg: dict[str, Any], end: ServerEnd) -> None:
+    async def _serve_meta(self, i: int, msg: FetchMeta, end: ServerEnd) -> None:
         try:
-            outcome = await self._host(msg["c"]).outcome(msg["k"])
+            outcome = await self._host(msg.component).outcome(msg.call_id)
             meta = outcome.meta.to_wire() if outcome.ok and outcome.meta is not None else None
-            end.reply(msg["i"], ok=outcome.ok, m=meta)
+            end.reply(i, Reply(outcome.ok, meta=meta, error=outcome.error))
         except Exception as exc:
-            end.reply(msg["i"], ok=False, **encode_error(exc))
+            end.reply(i, Reply(False, error=encode_error(exc)))
 
     def trim_soon(self) -> None:
         """Give memory freed by released results back to the system, at most once per TRIM_DELAY.
@@ -639,20 +683,20 @@ class TwinkleWorker:
         host = self.hosts.pop(cid, None)
         return host.close() if host is not None else False
 
-    async def _serve_close(self, msg: dict[str, Any], end: ServerEnd) -> None:
-        """Close a component rank; with ``w`` seconds, wait that long for a running job of it to end.
+    async def _serve_close(self, i: int, msg: Close, end: ServerEnd) -> None:
+        """Close a component rank; with ``wait`` seconds, wait that long for a running job of it to end.
 
         The reply's ``running`` says whether one is still running: code that
         cannot be stopped from outside its process, which only a restart of
         the worker frees.
         """
-        host = self.hosts.get(msg["c"])
-        running = self._close(msg["c"])
-        if running and host is not None and msg.get("w"):
+        host = self.hosts.get(msg.component)
+        running = self._close(msg.component)
+        if running and host is not None and msg.wait:
             idle = host.idle()
             try:
-                await asyncio.wait_for(idle, float(msg["w"]))
+                await asyncio.wait_for(idle, float(msg.wait))
                 running = False
             except TimeoutError:
                 pass
-        end.reply(msg["i"], ok=True, running=running)
+        end.reply(i, Reply(True, running=running))

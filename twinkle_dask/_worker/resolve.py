@@ -18,6 +18,7 @@ from typing import Any
 
 from .._wire.channel import unpack
 from .._wire.errors import add_note, decode_error
+from .._wire.protocol import Fetch, FetchMeta, Reply
 from ..collect import MISSING, collect
 from ..dispatch import Dispatcher
 from ..exceptions import SerializationError
@@ -37,7 +38,7 @@ def extract(value: Any, path: tuple[Any, ...] | list[Any], rng: tuple[int, int] 
 
 
 LocalRead = Callable[[str, int, int, tuple[Any, ...], Any], Awaitable[Any]]
-Request = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+SendRequest = Callable[[str, Fetch | FetchMeta], Awaitable[Reply]]
 
 
 class Resolver:
@@ -53,7 +54,7 @@ class Resolver:
         ``read_local(cid, call_id, index, path, rng) -> value`` for producers here.
     """
 
-    def __init__(self, address: str, request: Request, read_local: LocalRead) -> None:
+    def __init__(self, address: str, request: SendRequest, read_local: LocalRead) -> None:
         self.address = address
         self.request = request
         self.read_local = read_local
@@ -64,12 +65,12 @@ class Resolver:
         address = src.addresses[index]
         if address == self.address:
             return await self.read_local(src.cid, src.call_id, index, path, rng)
-        msg = {"t": "f", "c": src.cid, "k": src.call_id, "p": list(path), "r": None if rng is None else list(rng)}
+        msg = Fetch(src.cid, src.call_id, tuple(path), None if rng is None else (int(rng[0]), int(rng[1])))
         reply = await self.request(address, msg)
-        if not reply.get("ok"):
-            raise decode_error(reply, f"input produced by {src.label} on rank {index} ({address})")
+        if not reply.ok:
+            raise decode_error(reply.error, f"input produced by {src.label} on rank {index} ({address})")
         try:
-            return unpack(reply.get("v"))
+            return unpack(reply.value)
         except Exception as exc:
             raise SerializationError(
                 f"the input produced by {src.label} on rank {index} ({address}) cannot be deserialized on "
@@ -90,10 +91,10 @@ class Resolver:
 
     async def _meta(self, src: LazySource, index: int) -> Meta | None:
         address = src.addresses[index]
-        reply = await self.request(address, {"t": "mt", "c": src.cid, "k": src.call_id})
-        if not reply.get("ok"):
-            raise decode_error(reply, f"input produced by {src.label} on rank {index} ({address})")
-        return Meta.from_wire(reply.get("m"))
+        reply = await self.request(address, FetchMeta(src.cid, src.call_id))
+        if not reply.ok:
+            raise decode_error(reply.error, f"input produced by {src.label} on rank {index} ({address})")
+        return Meta.from_wire(reply.meta)
 
     def metas(self, src: LazySource) -> asyncio.Future[list[Meta | None]]:
         """Every producer rank's Meta, once each has finished; raises the first rank's failure.
