@@ -25,7 +25,7 @@ from typing import Any
 from . import progress, runtime
 from ._checks import check_timeout
 from ._config import seconds
-from ._wire.channel import pack
+from ._wire.channel import connect_timeout, pack
 from ._wire.errors import decode_error
 from ._wire.protocol import Build, Close, FreePort, Reply
 from .call import CallTarget, caller_site, invoke, prepare_inputs
@@ -50,9 +50,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Seconds a worker has to answer a request that involves no user code.
-PORT_TIMEOUT = 30.0
 
 _ITER_DEFAULT = MethodSpec("__iter__", dispatch="all", collect="none")
 _LEN_SPEC = MethodSpec("__len__", dispatch="all", execute="first", collect="first", lazy_collect=False)
@@ -167,7 +164,9 @@ def _build(session: Any, plan: BuildPlan, site: str | None) -> ComponentRef:
     addresses = tuple(place.addresses[i] for i in plan.indices)
     hosts = [place.hosts[i] for i in plan.indices]
     caller = session.caller
-    wait = PORT_TIMEOUT if deadline is None else max(0.0, min(PORT_TIMEOUT, deadline - time.monotonic()))
+    # A request that runs no user code: Dask's connect timeout plus the liveness bound.
+    answer = connect_timeout() + seconds("worker-unresponsive-timeout")
+    wait = answer if deadline is None else max(0.0, min(answer, deadline - time.monotonic()))
     try:
         port_reply = caller.request_threadsafe(addresses[0], FreePort()).result(wait)
     except concurrent.futures.TimeoutError:
