@@ -127,19 +127,53 @@ def connect_timeout() -> float:
     return float(parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="seconds"))
 
 
-class _Stream:
-    """Both ends' use of one Dask comm: batched writes, and a reader that hands over each batch.
-
-    Messages pushed while a write is in flight (or during the same turn of the
-    event loop) leave together in the next write. ``heard`` is when something
-    last arrived from the peer.
-    """
+class _Batching:
+    """What both kinds of stream share: messages pushed during one turn of the event loop
+    (or while a write is in flight) leave together in the next write."""
 
     def __init__(self, comm: Comm, on_lost: Callable[[BaseException | None], None]) -> None:
         self.comm = comm
         self.on_lost = on_lost
-        self.heard = time.monotonic()
         self.closed = False
+        self._queue: list[Entry] = []
+        self._flush_scheduled = False
+
+    def _can_write(self) -> bool:
+        raise NotImplementedError
+
+    def _write(self, batch: list[Entry]) -> None:
+        raise NotImplementedError
+
+    def push(self, msg: Entry) -> None:
+        if self.closed:
+            return
+        self._queue.append(msg)
+        if not self._flush_scheduled and self._can_write():
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.closed or not self._queue or not self._can_write():
+            return
+        batch, self._queue = self._queue, []
+        self._write(batch)
+
+    def _flush_now(self) -> None:
+        """Before closing: what is queued goes out now."""
+        if self._flush_scheduled:
+            self._flush()
+
+
+class _Stream(_Batching):
+    """Both ends' use of one Dask comm: batched writes, and a reader that hands over each batch.
+
+    ``heard`` is when something last arrived from the peer.
+    """
+
+    def __init__(self, comm: Comm, on_lost: Callable[[BaseException | None], None]) -> None:
+        super().__init__(comm, on_lost)
+        self.heard = time.monotonic()
         # Our own payloads unpickle without copies: never hand them to an offload thread.
         comm.allow_offload = False
         self._copy = isinstance(comm, InProc)
@@ -151,30 +185,19 @@ class _Stream:
                     sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
                 except OSError:
                     pass
-        self._queue: list[Entry] = []
-        self._flush_scheduled = False
         self._writing: asyncio.Task[None] | None = None  # a write that had to wait
 
-    def push(self, msg: Entry) -> None:
-        if self.closed:
-            return
-        self._queue.append(msg)
-        if not self._flush_scheduled and self._writing is None:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+    def _can_write(self) -> bool:
+        return self._writing is None
 
-    def _flush(self) -> None:
-        """Write what is queued as one batch.
+    def _write(self, batch: list[Entry]) -> None:
+        """Write ``batch``.
 
         Dask's TCP and in-process comms finish a write without waiting (the
         bytes go to the stream's buffer), so the write runs right here; a comm
         whose write does wait is finished by a task, and what is queued
         meanwhile leaves after it, in order.
         """
-        self._flush_scheduled = False
-        if self.closed or not self._queue or self._writing is not None:
-            return
-        batch, self._queue = self._queue, []
         coro = self.comm.write(_encode(batch, self._copy), serializers=_SERIALIZERS, on_error="raise")
         try:
             waiting = coro.send(None)
@@ -242,8 +265,7 @@ class _Stream:
         """Close after what is queued has been written."""
         if self.closed:
             return
-        if self._flush_scheduled:
-            self._flush()
+        self._flush_now()
         self.closed = True
         if self._writing is not None:
             try:
@@ -452,7 +474,7 @@ class _Framed(asyncio.BufferedProtocol):
         self._pump()
 
 
-class _SocketStream:
+class _SocketStream(_Batching):
     """The same interface as :class:`_Stream`, on a TCP comm's socket taken from Tornado.
 
     Why: Dask's TCP comm re-registers its socket with the event loop on every
@@ -465,17 +487,13 @@ class _SocketStream:
     """
 
     def __init__(self, comm: Comm, on_lost: Callable[[BaseException | None], None]) -> None:
-        self.comm = comm
-        self.on_lost = on_lost
-        self.closed = False
+        super().__init__(comm, on_lost)
         self._sock = take_socket(cast("TCP", comm))
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             try:
                 self._sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
             except OSError:
                 pass
-        self._queue: list[Entry] = []
-        self._flush_scheduled = False
         self._proto: _Framed | None = None
         self._done: asyncio.Future[BaseException | None] | None = None
 
@@ -483,19 +501,11 @@ class _SocketStream:
     def heard(self) -> float:
         return self._proto.heard if self._proto is not None else time.monotonic()
 
-    def push(self, msg: Entry) -> None:
-        if self.closed:
-            return
-        self._queue.append(msg)
-        if not self._flush_scheduled and self._proto is not None:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+    def _can_write(self) -> bool:
+        return self._proto is not None
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self.closed or not self._queue or self._proto is None:
-            return
-        batch, self._queue = self._queue, []
+    def _write(self, batch: list[Entry]) -> None:
+        assert self._proto is not None
         try:
             self._proto.send_batch(batch)
         except Exception as exc:  # a transport closing under us
@@ -546,8 +556,7 @@ class _SocketStream:
         """Close after what is queued has been written."""
         if self.closed:
             return
-        if self._flush_scheduled:
-            self._flush()
+        self._flush_now()
         proto = self._proto
         self.closed = True
         if proto is not None and proto.transport is not None:
