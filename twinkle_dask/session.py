@@ -23,6 +23,7 @@ from . import runtime
 from ._checks import check_bool, check_count, check_int, check_str, check_timeout
 from ._config import seconds
 from ._deploy.cluster import (
+    IN_PROCESS_ENV,
     ClusterConnection,
     _tag_worker,
     check_cluster_options,
@@ -81,8 +82,8 @@ class DaskSession:
     ) -> None:
         self.session_id = uuid.uuid4().hex
         # Workers of an in-process cluster (processes=False) run component
-        # threads in this process and export their identity to os.environ.
-        self._driver_env = _identity.snapshot_env()
+        # threads in this process and export their identity and environment to os.environ.
+        self._driver_env = {**_identity.snapshot_env(), **{k: os.environ.get(k) for k in IN_PROCESS_ENV}}
         self.connection = connection
         self.client = connection.client
         self.groups = groups
@@ -430,6 +431,7 @@ def initialize(
     security: Any = None,
     simulate_gpus: bool = False,
     memory_limit: Any = "auto",
+    processes: bool = True,
 ) -> Any:
     """Start twinkle_dask, in-process (``'local'``) or on a Dask cluster (``'dask'``).
 
@@ -483,6 +485,13 @@ def initialize(
         machine's memory (``0.5``), or ``None``/``0`` for no limit. Dask's
         memory manager spills and pauses the worker near it. Ignored for
         existing clusters (their workers have their own).
+    processes : bool, default True
+        Whether the local cluster's workers run in processes of their own.
+        ``False``: in this process, over ``inproc://`` comms, as
+        ``LocalCluster(processes=False)`` (fast to start, for tests); their
+        component code runs one job at a time, each with its own worker's
+        environment and identity in ``os.environ`` (GPU groups need
+        ``simulate_gpus=True``); no memory limit.
 
     Returns
     -------
@@ -522,12 +531,19 @@ def initialize(
     check_bool(where, "full_determinism", full_determinism)
     check_str(where, "name", name)
     check_bool(where, "simulate_gpus", simulate_gpus)
+    check_bool(where, "processes", processes)
     nproc_per_node = check_count(where, "nproc_per_node", nproc_per_node)
     check_count(where, "ncpu_proc_per_node", ncpu_proc_per_node, minimum=0)
     if mode == "dask":
         check_cluster_options(address=address, client=client, security=security,
                               dashboard_address=dashboard_address)
         memory_bytes = resolve_memory_limit(memory_limit)
+        if not processes and (address is not None or client is not None):
+            raise ConfigurationError(
+                f"initialize: processes=False starts a local cluster in this process, so it does not go with "
+                f"address={address!r} or client={client!r}; drop processes=False to use that cluster, or drop "
+                f"address/client to start an in-process one"
+            )
     current = runtime.process_session()
     if mode == "local":
         if isinstance(current, DaskSession) and not current.closed:
@@ -550,7 +566,7 @@ def initialize(
     device_groups = _check_groups(groups)
     resolved = resolve_groups(device_groups)
     config = (tuple((g.name, g.num_ranks, g.device_type.lower(), g.gpus_per_worker) for g in device_groups),
-              address, id(client), simulate_gpus, memory_bytes)
+              address, id(client), simulate_gpus, memory_bytes, processes)
     if isinstance(current, DaskSession) and not current.closed:
         if current.config == config:
             current.seed, current.lazy_collect = seed, lazy_collect
@@ -567,7 +583,7 @@ def initialize(
     else:
         connection = start_local_cluster(resolved, dashboard_address=dashboard_address,
                                          simulate_gpus=simulate_gpus, security=security,
-                                         memory_limit=memory_bytes)
+                                         memory_limit=memory_bytes, processes=processes)
     session = DaskSession(
         connection=connection, groups=device_groups, seed=seed, full_determinism=full_determinism,
         global_mesh=global_device_mesh, lazy_collect=lazy_collect, name=name, notifier=notifier,
