@@ -10,9 +10,11 @@ Each kind is started once for the module.
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pytest
 from components import Echo
 from error_components import Failer
@@ -96,6 +98,24 @@ def test_dispatch_all_runs_every_rank_with_its_identity(matrix, echoes):
     assert [(i["rank"], i["world"], i["env"]["RANK"], i["env"]["WORLD_SIZE"], i["env"]["CLUSTER_NAME"])
             for i in got] == [(0, 2, "0", "2", "consumer"), (1, 2, "1", "2", "consumer")]
     assert [i["init"]["env"]["RANK"] for i in got] == ["0", "1"]
+
+
+def test_components_and_the_driver_keep_their_own_random_streams(matrix):
+    def draw():
+        return random.random(), float(np.random.rand())
+
+    random.seed(42)
+    np.random.seed(42)
+    seeded = draw()  # what a rank draws first: every rank starts from the session's seed
+    random.seed(7)
+    np.random.seed(7)
+    expected = [draw(), draw()]
+    random.seed(7)
+    np.random.seed(7)
+    first = draw()
+    views = Echo(remote_group="consumer").identity()()  # __init__ draws on each rank (in this process for inproc)
+    assert [tuple(v["init_random"]) for v in views] == [seeded, seeded]
+    assert [first, draw()] == expected  # the driver's streams went on where it left them
 
 
 def test_slice_call_splits_the_arguments(matrix, echoes):

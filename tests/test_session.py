@@ -188,8 +188,9 @@ def test_processes_must_be_a_bool():
 
 
 def test_in_process_gpu_groups_need_simulate_gpus():
-    with pytest.raises(ConfigurationError, match=r"DeviceGroup 'gpu' is a GPU group, and in-process workers "
-                                                 r"\(processes=False\) share one CUDA context; pass simulate_gpus=True"):
+    expected = (r"DeviceGroup 'gpu' is a GPU group, and in-process workers \(processes=False\) share one CUDA "
+                r"context; pass simulate_gpus=True")
+    with pytest.raises(ConfigurationError, match=expected):
         twinkle.initialize("dask", processes=False, dashboard_address=None,
                            groups=[DeviceGroup(name="gpu", ranks=1, device_type="cuda")])
     assert twinkle.runtime.process_session() is None

@@ -148,8 +148,9 @@ def test_tcp_channels_run_the_socket_dask_connected_unless_configured_not_to(tak
 
 
 def test_ucx_cluster_calls_and_hands_off_over_ucx_comms():
-    pytest.importorskip("ucxx", reason="UCX comms need ucxx and distributed-ucxx (pip install distributed-ucxx-cu12)")
-    pytest.importorskip("distributed_ucxx", reason="UCX comms need distributed-ucxx (pip install distributed-ucxx-cu12)")
+    why = "UCX comms need ucxx and distributed-ucxx (pip install distributed-ucxx-cu12)"
+    pytest.importorskip("ucxx", reason=why)
+    pytest.importorskip("distributed_ucxx", reason=why)
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=2, processes=False, threads_per_worker=1, protocol="ucx://",

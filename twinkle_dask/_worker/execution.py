@@ -33,9 +33,10 @@ share it too (:meth:`Executor.share_process`): a job of any of them runs
 only while no other in-process worker runs one (one process-wide lock,
 released while a job waits for a call it made), with its worker's own
 environment (``CUDA_VISIBLE_DEVICES``, ``TWINKLE_GPU``, ...) and identity
-switched in, and the random streams of the rank that ran last captured
-whichever worker ran it. So component code on in-process worker ``k`` sees
-what it would see in a process of its own.
+switched in, and its rank's random streams installed. Between jobs the
+process's environment and random streams are the driver's again. So
+component code on in-process worker ``k`` sees what it would see in a
+process of its own, and so does the driver.
 """
 
 from __future__ import annotations
@@ -116,6 +117,22 @@ class Streams:
                 self.cuda = torch.cuda.get_rng_state_all()
 
 
+def _save_streams() -> tuple[Any, ...]:
+    """The process's random streams as they are (random, numpy, torch CPU if imported)."""
+    torch = _torch()
+    return random.getstate(), np.random.get_state(), None if torch is None else torch.get_rng_state()
+
+
+def _restore_streams(saved: tuple[Any, ...]) -> None:
+    """Put back streams from :func:`_save_streams`; torch only if it was imported then."""
+    py, state, torch_state = saved
+    random.setstate(py)
+    np.random.set_state(state)
+    torch = _torch()
+    if torch is not None and torch_state is not None:
+        torch.set_rng_state(torch_state)
+
+
 def _torch() -> Any:
     torch = sys.modules.get("torch")
     return torch if torch is not None and hasattr(torch, "get_rng_state") else None
@@ -189,6 +206,7 @@ class Executor:
         self.env: dict[str, str | None] | None = None
         self._holds = False  # executor thread: whether it holds the shared process's lock
         self._saved: dict[str, str | None] = {}  # the shared process's environment while no job ran
+        self._saved_streams: tuple[Any, ...] = ()  # and its random streams
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
@@ -250,17 +268,23 @@ class Executor:
             del item  # nothing of a finished job stays alive until the next one arrives
 
     def _take(self) -> None:
-        """Wait for the shared process; keep what its environment is while no job runs (the driver's)."""
+        """Wait for the shared process; keep its environment and random streams while no job runs (the driver's)."""
         assert self.env is not None
         self._process.lock.acquire()
         self._holds = True
         self._saved = {k: os.environ.get(k) for k in (*_identity.ENV_VARS, *self.env)}
+        self._saved_streams = _save_streams()
 
     def _give(self) -> None:
-        """Put the process's environment back as it was before the job, and let another worker run."""
+        """Put the process's environment and streams back as they were before the job; let another worker run."""
+        process = self._process
+        if process.active is not None:
+            process.active.streams.capture()
+            process.active = None
+        _restore_streams(self._saved_streams)
         apply_env(self._saved)
         self._holds = False
-        self._process.lock.release()
+        process.lock.release()
 
     def _exclusive(self) -> Any:
         """The shared process's lock, for an executor that shares it; otherwise nothing to take."""
