@@ -128,8 +128,7 @@ def test_in_process_workers_of_simulated_gpu_groups_see_their_rotated_devices(py
         import pytest
         from components import WorkerEnv
 
-        import twinkle_dask as twinkle
-        from twinkle_dask import DeviceGroup
+        from twinkle_dask import DeviceGroup, _execution
 
         GROUPS = (DeviceGroup(name="gpu", ranks=4, device_type="cuda"),
                   DeviceGroup(name="pair", ranks=4, device_type="cuda", gpus_per_worker=2))
@@ -151,7 +150,10 @@ def test_in_process_workers_of_simulated_gpu_groups_see_their_rotated_devices(py
             assert seen("pair") == [("4,5,6,7", "simulated", "pair", "0", "0"),
                                     ("6,7,4,5", "simulated", "pair", "1", "1")]
             assert seen("cpu") == [(None, None, "cpu", "0", "0"), (None, None, "cpu", "1", "1")]
-            # Between jobs the process's environment is the driver's again, whatever ran last.
+            # Between jobs the process's environment is the driver's again, whatever ran last (a reply
+            # can arrive a moment before its executor put it back; the shared lock is free once it has).
+            with _execution._shared_process.lock:
+                pass
             assert [os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "TWINKLE_GPU", "TWINKLE_GROUP", "RANK")] == \\
                 [None, None, None, None]
     """)

@@ -33,10 +33,12 @@ share it too (:meth:`Executor.share_process`): a job of any of them runs
 only while no other in-process worker runs one (one process-wide lock,
 released while a job waits for a call it made), with its worker's own
 environment (``CUDA_VISIBLE_DEVICES``, ``TWINKLE_GPU``, ...) and identity
-switched in, and its rank's random streams installed. Between jobs the
-process's environment and random streams are the driver's again. So
-component code on in-process worker ``k`` sees what it would see in a
-process of its own, and so does the driver.
+switched in, and its rank's random streams installed. Once a job has
+ended the process's environment and random streams are the driver's again
+(its reply can reach the driver a moment earlier: the reply leaves inside
+the job). So component code on in-process worker ``k`` sees what it would
+see in a process of its own, and so does driver code that does not run
+while jobs do.
 """
 
 from __future__ import annotations
@@ -261,8 +263,7 @@ class Executor:
                     self._cond.wait()
                 item = self._nested.popleft() if self._nested else self._queue.popleft()
             if callable(item):
-                with self._exclusive():
-                    item()
+                item()  # bookkeeping, not component code: it leaves the process's state alone
             else:
                 self._run(*item)
             del item  # nothing of a finished job stays alive until the next one arrives
