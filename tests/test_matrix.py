@@ -67,7 +67,7 @@ def matrix(request):
 
     with dask.config.set(request.getfixturevalue("dask_tls_settings")):
         with LocalCluster(n_workers=4, processes=False, threads_per_worker=1, protocol="tls://",
-                          dashboard_address=None) as cluster:
+                          dashboard_address=":0") as cluster:  # a free port: None would mean 8787
             client = twinkle.initialize("dask", address=cluster.scheduler_address, groups=groups)
             try:
                 yield Cluster(kind, client, cluster, before)
@@ -181,7 +181,7 @@ def test_nothing_listens_that_dask_does_not_report(matrix):
 def _until_in_process_jobs_gave_the_process_back():
     # A rank's reply can reach the driver a moment before its executor has put the driver's streams
     # and environment back; the shared lock is free once it has.
-    from twinkle_dask import _execution
+    from twinkle_dask._worker import execution as _execution
 
     with _execution._shared_process.lock:
         pass

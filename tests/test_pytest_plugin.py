@@ -98,8 +98,8 @@ def test_a_marked_test_then_one_that_initializes_with_its_own_client(pytester):
 
         def test_own_client():
             assert twinkle.runtime.process_session() is None
-            with LocalCluster(n_workers=2, processes=False, threads_per_worker=1, dashboard_address=None) as cluster, \\
-                    Client(cluster) as client:
+            with LocalCluster(n_workers=2, processes=False, threads_per_worker=1,
+                              dashboard_address=":0") as cluster, Client(cluster) as client:
                 assert twinkle.initialize("dask", client=client,
                                           groups=[DeviceGroup(name="own", ranks=2, device_type="cpu")]) is client
                 try:
@@ -128,7 +128,8 @@ def test_in_process_workers_of_simulated_gpu_groups_see_their_rotated_devices(py
         import pytest
         from components import WorkerEnv
 
-        from twinkle_dask import DeviceGroup, _execution
+        from twinkle_dask import DeviceGroup
+        from twinkle_dask._worker import execution as _execution
 
         GROUPS = (DeviceGroup(name="gpu", ranks=4, device_type="cuda"),
                   DeviceGroup(name="pair", ranks=4, device_type="cuda", gpus_per_worker=2))

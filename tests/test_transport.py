@@ -154,7 +154,7 @@ def test_ucx_cluster_calls_and_hands_off_over_ucx_comms():
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=2, processes=False, threads_per_worker=1, protocol="ucx://",
-                      dashboard_address=None) as cluster:
+                      dashboard_address=":0") as cluster:
         assert cluster.scheduler_address.startswith("ucx://")
         twinkle.initialize("dask", address=cluster.scheduler_address,
                            groups=[DeviceGroup(name="producer", ranks=1, device_type="cpu"),
