@@ -20,13 +20,15 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from distributed import Future
+
 from ._wire.caller import Caller
 from ._wire.channel import pack
 from ._wire.protocol import INLINE_ALL, INLINE_SMALL, Call
 from .dispatch import Dispatcher
 from .exceptions import ComponentClosedError, SerializationError
 from .futures import CallInfo, LazyResult
-from .lazy import KEEP, LazySource, contains, replace
+from .lazy import KEEP, DaskInput, LazySource, contains, replace
 from .mesh import DeviceMesh
 from .specs import MethodSpec
 
@@ -78,24 +80,27 @@ def check_arguments(fn: Callable[..., Any], label: str, args: Sequence[Any], kwa
 
 
 def _is_lazy(x: Any) -> bool:
-    return isinstance(x, LazyResult)
+    return isinstance(x, Future)  # LazyResult is one too
 
 
 def prepare_inputs(
     args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any], list[LazyResult]]:
-    """Swap lazy results for their value (when the driver has it) or a placeholder.
+) -> tuple[tuple[Any, ...], dict[str, Any], list[Any]]:
+    """Swap lazy results for their value (when the driver has it) or a placeholder, Dask futures for their key.
 
-    Returns the new arguments and the lazy results that must stay alive until
-    the call has run.
+    Returns the new arguments and the lazy results and futures that must stay
+    alive until the call has run.
     """
     if not (contains(args, _is_lazy) or contains(kwargs, _is_lazy)):
         return args, kwargs, []
-    held: list[LazyResult] = []
+    held: list[Any] = []
 
     def swap(x: Any) -> Any:
-        if not isinstance(x, LazyResult):
+        if not isinstance(x, Future):
             return KEEP
+        if not isinstance(x, LazyResult):
+            held.append(x)  # the consumer's worker fetches it from the cluster, peer to peer
+            return DaskInput(x.key)
         have, value = x._local_value()
         if have:
             return value
@@ -106,7 +111,7 @@ def prepare_inputs(
 
 
 def _is_source(x: Any) -> bool:
-    return isinstance(x, LazySource)
+    return isinstance(x, (LazySource, DaskInput))
 
 
 def _inspected_lazy(dispatcher: Dispatcher, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -116,7 +121,7 @@ def _inspected_lazy(dispatcher: Dispatcher, args: tuple[Any, ...], kwargs: dict[
     values = [*args, *kwargs.values()]
     if dispatcher.inspects == "all":
         return any(contains(v, _is_source) for v in values)
-    if any(isinstance(v, LazySource) for v in values):
+    if any(isinstance(v, (LazySource, DaskInput)) for v in values):
         return True
     if dispatcher.inspects == "dicts":
         stack, seen = [v for v in values if isinstance(v, dict)], set()
@@ -126,7 +131,7 @@ def _inspected_lazy(dispatcher: Dispatcher, args: tuple[Any, ...], kwargs: dict[
                 continue
             seen.add(id(d))
             for x in d.values():
-                if isinstance(x, LazySource):
+                if isinstance(x, (LazySource, DaskInput)):
                     return True
                 if isinstance(x, dict):
                     stack.append(x)

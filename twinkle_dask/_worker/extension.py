@@ -507,7 +507,8 @@ class TwinkleWorker:
         self.ends: set[ServerEnd] = set()
         self.children: list[Any] = []
         #: Counters for tests and benchmarks: results served to other processes.
-        self.stats = {"fetches": 0, "fetch_bytes": 0, "calls": 0, "inline_bytes": 0}
+        self.stats = {"fetches": 0, "fetch_bytes": 0, "calls": 0, "inline_bytes": 0, "dask_fetches": 0,
+                      "dask_local": 0}
         #: Runs the component code of this worker, one job at a time (see twinkle_dask._worker.execution).
         self.executor = Executor(f"twinkle-executor-{worker.name}")
         self._trim_handle: asyncio.TimerHandle | None = None
@@ -545,7 +546,38 @@ class TwinkleWorker:
         async def request(address: str, msg: Fetch | FetchMeta) -> Reply:
             return await self.caller.request(address, msg)
 
-        return Resolver(self.worker.address, request, self._read_local)
+        return Resolver(self.worker.address, request, self._read_local, self.dask_value)
+
+    async def read_kept(self, cid: str, call_id: int, index: int) -> Any:
+        """A kept result of a component rank here, read in place (for the Dask tasks of ``futures()``)."""
+        return await self._read_local(cid, call_id, index, (), None)
+
+    async def dask_value(self, key: Any) -> Any:
+        """The value of the Dask key ``key``: read in place when this worker holds it, else fetched from a peer.
+
+        A Dask ``Future`` in a component method's arguments arrives as its
+        key; the caller holds the future until the call has answered, so the
+        key stays in the cluster until this fetch is done.
+        """
+        worker = self.worker
+        ts = worker.state.tasks.get(key)
+        if ts is not None and ts.state == "memory" and key in worker.data:
+            self.stats["dask_local"] += 1
+            return worker.data[key]
+        from distributed import Future
+
+        client = worker._get_client()
+        if client.status != "running":
+            await client
+        future = Future(key, client)
+        # Like a future unpickled in a task: ask the scheduler for the key's state (it may still run).
+        client._send_to_scheduler({"op": "client-desires-keys", "keys": [key], "client": client.id})
+        try:
+            value = await client.gather(future, direct=True)
+        finally:
+            future.release()
+        self.stats["dask_fetches"] += 1
+        return value
 
     async def _read_local(self, cid: str, call_id: int, index: int, path: tuple[Any, ...], rng: Any) -> Any:
         host = self._host(cid)
