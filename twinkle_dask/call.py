@@ -27,7 +27,7 @@ from ._wire.channel import pack
 from ._wire.protocol import INLINE_ALL, INLINE_SMALL, Call
 from .dispatch import Dispatcher
 from .exceptions import ComponentClosedError, SerializationError
-from .futures import CallInfo, LazyResult
+from .futures import CallInfo, LazyResult, packing
 from .lazy import KEEP, DaskInput, LazySource, contains, replace
 from .mesh import DeviceMesh
 from .specs import MethodSpec
@@ -183,11 +183,15 @@ def invoke(
     packed: dict[tuple[int, int], Any] = {}
     payloads = []
     what = f"the arguments of {target.label}.{spec.name}"
-    for pair in pairs:
-        key = (id(pair[0]), id(pair[1]))  # 'all' gives every rank the same objects: pack once
-        if key not in packed:
-            packed[key] = pack(pair, what)
-        payloads.append(packed[key])
+    packing.args = True  # a LazyResult pickled here was hidden in an object: say what to pass instead
+    try:
+        for pair in pairs:
+            key = (id(pair[0]), id(pair[1]))  # 'all' gives every rank the same objects: pack once
+            if key not in packed:
+                packed[key] = pack(pair, what)
+            payloads.append(packed[key])
+    finally:
+        packing.args = False
 
     keep = lazy
     inline = INLINE_SMALL if lazy else INLINE_ALL

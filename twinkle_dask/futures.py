@@ -136,14 +136,18 @@ def _dask_client() -> Any:
 
 
 class _DaskLink:
-    """A lazy result registered with the Dask scheduler: one future per rank and one for the collected value."""
+    """A lazy result registered with the Dask scheduler: one future per rank, one for the collected value."""
 
     __slots__ = ("collected", "ranks")
 
-    def __init__(self, ranks: tuple[Future, ...], collected: Future) -> None:
+    def __init__(self, ranks: tuple[Future, ...]) -> None:
         self.ranks = ranks
-        self.collected = collected
+        #: Made when the LazyResult itself is first used as a Dask future.
+        self.collected: Future | None = None
 
+
+#: ``packing.args`` is set while this thread packs a component call's arguments (see call.invoke).
+packing = threading.local()
 
 #: Guards the creation of a lazy result's Dask futures (rare: only when a result is handed to Dask).
 _link_lock = threading.Lock()
@@ -559,43 +563,54 @@ class LazyResult(Future):  # type: ignore[misc]  # distributed.Future is untyped
             return link
         with _link_lock:
             if self._dask is None:
-                self._dask = self._register()
+                self._dask = _DaskLink(self._register())
             return self._dask
 
-    def _register(self) -> _DaskLink:
-        """Make the rank futures and the collected future (non-blocking: tasks wait for the call on the workers)."""
+    def _register(self) -> tuple[Future, ...]:
+        """The rank futures: a task per rank, on its worker, that waits for the call and takes the kept result."""
         info = self._info
         if info.keep and self._released:
             raise RuntimeError(f"{info.label}.{info.method}: this result was already released")
         client = _dask_client()
         name = f"{info.label}.{info.method}-{info.cid}-{info.call_id}"
-        ranks = tuple(
+        return tuple(
             client.submit(kept_result, info.cid, info.call_id, slot, key=(name, rank), workers=[address],
                           allow_other_workers=False, pure=False)
             for slot, (rank, address) in enumerate(zip(info.ranks, info.addresses))
         )
-        src = self._source()
-        needed = src.needed()
-        collected = client.submit(collect_ranks, src, needed, *(ranks[i] for i in needed),
-                                  key=f"{info.label}.{info.method}.collect-{info.cid}-{info.call_id}", pure=False)
-        return _DaskLink(ranks, collected)
+
+    def _collected(self) -> Future:
+        """The collected value as a Dask future: one task, placed by the scheduler, applies the collect."""
+        link = self._dask_link()
+        collected = link.collected
+        if collected is not None:
+            return collected
+        with _link_lock:
+            if link.collected is None:
+                info = self._info
+                src = self._source()
+                needed = src.needed()
+                link.collected = link.ranks[0].client.submit(
+                    collect_ranks, src, needed, *(link.ranks[i] for i in needed),
+                    key=f"{info.label}.{info.method}.collect-{info.cid}-{info.call_id}", pure=False)
+            return link.collected
 
     # A Dask future of the collected value: Dask reads these (registration happens on first use).
     @property  # type: ignore[override]
     def key(self) -> Any:
-        return self._dask_link().collected.key
+        return self._collected().key
 
     @property
     def _state(self) -> Any:
-        return self._dask_link().collected._state
+        return self._collected()._state
 
     @property  # type: ignore[override]
     def client(self) -> Any:
-        return self._dask_link().collected.client
+        return self._collected().client
 
     @property
     def _client(self) -> Any:
-        return self._dask_link().collected.client
+        return self._collected().client
 
     def release(self) -> None:
         """Dask's name: let go of the Dask futures (the result itself lives while this object does)."""
@@ -611,6 +626,13 @@ class LazyResult(Future):  # type: ignore[misc]  # distributed.Future is untyped
         return ("LazyResult", self._info.cid, self._info.call_id)
 
     def __reduce__(self) -> Any:
+        info = self._info
+        if getattr(packing, "args", False):
+            raise TypeError(
+                f"a LazyResult ({info.label}.{info.method}) sits inside an object the argument walk does not "
+                f"look into (only lists, tuples and dicts are); pass it directly or in a list, tuple or dict, "
+                f"or pass lazy.futures() (per-rank Dask futures) or lazy.result() (the value) instead"
+            )
         # Inside a Dask graph (dask.delayed): a reference to the collected value, as a Future pickles.
         return Future, (self.key,)
 

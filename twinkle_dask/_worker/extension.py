@@ -70,6 +70,9 @@ logger = logging.getLogger(__name__)
 #: How long a fetch waits for a call that has not reached this worker yet.
 ARRIVAL_TIMEOUT = 120.0
 
+#: How long a Dask future's key in a call's arguments may take to reach the scheduler.
+KEY_ARRIVAL_TIMEOUT = 30.0
+
 #: Seconds between a release of results and the trim that gives their memory back (at most one per period).
 TRIM_DELAY = 0.5
 
@@ -569,6 +572,7 @@ class TwinkleWorker:
         client = worker._get_client()
         if client.status != "running":
             await client
+        await self._known_to_scheduler(key)
         future = Future(key, client)
         # Like a future unpickled in a task: ask the scheduler for the key's state (it may still run).
         client._send_to_scheduler({"op": "client-desires-keys", "keys": [key], "client": client.id})
@@ -578,6 +582,21 @@ class TwinkleWorker:
             future.release()
         self.stats["dask_fetches"] += 1
         return value
+
+    async def _known_to_scheduler(self, key: Any) -> None:
+        """Wait until the scheduler knows ``key``: the caller's graph may still be on its way there."""
+        deadline = time.monotonic() + KEY_ARRIVAL_TIMEOUT
+        while True:
+            states = await self.worker.scheduler.get_task_status(keys=[key])
+            if states.get(key) is not None:
+                return
+            if time.monotonic() > deadline:
+                raise LookupError(
+                    f"the Dask future {key!r} passed to a component method is unknown to the scheduler after "
+                    f"{KEY_ARRIVAL_TIMEOUT:.0f} s: it was released or made by another cluster's client; pass a "
+                    f"future of this session's client and keep it until the call returns"
+                )
+            await asyncio.sleep(0.005)
 
     async def _read_local(self, cid: str, call_id: int, index: int, path: tuple[Any, ...], rng: Any) -> Any:
         host = self._host(cid)
