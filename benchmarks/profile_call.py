@@ -15,8 +15,8 @@ time and the driver's share (each worker parses, runs and replies).
 from __future__ import annotations
 
 import argparse
-import cProfile
 import collections
+import cProfile
 import pstats
 import resource
 import sys

@@ -22,8 +22,8 @@ from ._wire.caller import Caller
 from ._wire.channel import unpack
 from ._wire.errors import add_note, decode_error
 from ._wire.protocol import ErrorInfo, Fetch, Reply
-from .collect import MISSING, Collector, collect
 from ._worker.dask_data import collect_ranks, kept_result
+from .collect import MISSING, Collector, collect
 from .exceptions import CallTimeoutError, NotInitializedError, SerializationError, WorkerLostError
 from .lazy import LazySource, Meta
 from .mesh import DeviceMesh
@@ -140,10 +140,10 @@ class _DaskLink:
 
     __slots__ = ("collected", "ranks")
 
-    def __init__(self, ranks: tuple[Future, ...]) -> None:
+    def __init__(self, ranks: tuple[Future[Any], ...]) -> None:
         self.ranks = ranks
         #: Made when the LazyResult itself is first used as a Dask future.
-        self.collected: Future | None = None
+        self.collected: Future[Any] | None = None
 
 
 #: ``packing.args`` is set while this thread packs a component call's arguments (see call.invoke).
@@ -169,7 +169,7 @@ class _ReleaseWhenDone:
             self.caller.release(*self.args)
 
 
-class LazyResult(Future):  # type: ignore[misc]  # distributed.Future is untyped
+class LazyResult(Future[Any]):
     """The result of a remote call, collected when it is needed.
 
     Calling it (``r()``) waits for every rank, collects their results with
@@ -535,7 +535,7 @@ class LazyResult(Future):  # type: ignore[misc]  # distributed.Future is untyped
                           f"{info.label}.{info.method}", metas)
 
     # ------------------------------------------------------------------ Dask
-    def futures(self) -> list[Future]:
+    def futures(self) -> list[Future[Any]]:
         """One ``distributed.Future`` per rank, in rank order: each rank's result as Dask data on its worker.
 
         The first call registers the results with the Dask scheduler (a
@@ -566,7 +566,7 @@ class LazyResult(Future):  # type: ignore[misc]  # distributed.Future is untyped
                 self._dask = _DaskLink(self._register())
             return self._dask
 
-    def _register(self) -> tuple[Future, ...]:
+    def _register(self) -> tuple[Future[Any], ...]:
         """The rank futures: a task per rank, on its worker, that waits for the call and takes the kept result."""
         info = self._info
         if info.keep and self._released:
@@ -579,7 +579,7 @@ class LazyResult(Future):  # type: ignore[misc]  # distributed.Future is untyped
             for slot, (rank, address) in enumerate(zip(info.ranks, info.addresses))
         )
 
-    def _collected(self) -> Future:
+    def _collected(self) -> Future[Any]:
         """The collected value as a Dask future: one task, placed by the scheduler, applies the collect."""
         link = self._dask_link()
         collected = link.collected
@@ -596,20 +596,20 @@ class LazyResult(Future):  # type: ignore[misc]  # distributed.Future is untyped
             return link.collected
 
     # A Dask future of the collected value: Dask reads these (registration happens on first use).
-    @property  # type: ignore[override]
-    def key(self) -> Any:
+    @property
+    def key(self) -> Any:  # type: ignore[override]  # an attribute of Future
         return self._collected().key
 
     @property
-    def _state(self) -> Any:
+    def _state(self) -> Any:  # type: ignore[override]
         return self._collected()._state
 
-    @property  # type: ignore[override]
+    @property
     def client(self) -> Any:
         return self._collected().client
 
     @property
-    def _client(self) -> Any:
+    def _client(self) -> Any:  # type: ignore[override]
         return self._collected().client
 
     def release(self) -> None:

@@ -573,7 +573,7 @@ class TwinkleWorker:
         if client.status != "running":
             await client
         await self._known_to_scheduler(key)
-        future = Future(key, client)
+        future: Future[Any] = Future(key, client)
         # Like a future unpickled in a task: ask the scheduler for the key's state (it may still run).
         client._send_to_scheduler({"op": "client-desires-keys", "keys": [key], "client": client.id})
         try:
