@@ -227,3 +227,31 @@ def runtime_addresses(group):
 
 def test_lazy_result_is_a_future_subclass():
     assert issubclass(LazyResult, Future)
+
+
+@pytest.mark.timeout(180)
+def test_readme_dask_example_runs_and_prints_what_it_says(tmp_path):
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    quickstart = blocks[0].replace("twinkle.initialize('dask', groups=[",
+                                   "twinkle.initialize('dask', dashboard_address=None, groups=[")
+    example = next(b for b in blocks if "client.submit(" in b)
+    script = tmp_path / "dask_example.py"
+    script.write_text(quickstart.replace("twinkle.shutdown()", "") + "\n" + example + "\ntwinkle.shutdown()\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=150, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-2:] == ["28.0", "[[0, 1, 2, 3, 4, 5, 6, 7]]"]
+
+
+def test_class_balance_weights_of_the_main_job():
+    import torch
+
+    from twinkle_dask.examples.train import class_balance_weights
+
+    weights = class_balance_weights({"y": torch.tensor([0, 0, 1, 3])})
+    assert weights.tolist() == [0.5, 0.5, 1.0, 1.0]
