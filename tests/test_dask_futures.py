@@ -9,6 +9,7 @@ import dask
 import numpy as np
 import pytest
 from components import Echo, make_data
+from dask.utils import key_split
 from distributed import Future, as_completed, futures_of, progress, wait
 
 from twinkle_dask import LazyResult
@@ -61,6 +62,7 @@ def test_futures_gives_each_ranks_result_on_its_own_worker(cluster, parts):
     futures = lazy.futures()
     assert [type(f) for f in futures] == [Future] * 4
     assert lazy.futures() == futures  # registered once
+    assert {key_split(f.key) for f in futures} == {"Echo.produce"}  # grouped as the call on the dashboard
     assert cluster.gather(futures) == [make_data("list", r) for r in range(4)]
     who_has = cluster.who_has(futures)
     for f, address in zip(futures, lazy._info.addresses):

@@ -135,6 +135,13 @@ def _dask_client() -> Any:
         ) from None
 
 
+def _key_name(info: CallInfo, suffix: str = "") -> str:
+    """``<Component>.<method><suffix>-<token>``: Dask's dashboard groups the keys by what precedes the token."""
+    from dask.base import tokenize
+
+    return f"{info.label}.{info.method}{suffix}-{tokenize(info.cid, info.call_id)}"
+
+
 class _DaskLink:
     """A lazy result registered with the Dask scheduler: one future per rank, one for the collected value."""
 
@@ -572,7 +579,7 @@ class LazyResult(Future[Any]):
         if info.keep and self._released:
             raise RuntimeError(f"{info.label}.{info.method}: this result was already released")
         client = _dask_client()
-        name = f"{info.label}.{info.method}-{info.cid}-{info.call_id}"
+        name = _key_name(info)
         return tuple(
             client.submit(kept_result, info.cid, info.call_id, slot, key=(name, rank), workers=[address],
                           allow_other_workers=False, pure=False)
@@ -592,7 +599,7 @@ class LazyResult(Future[Any]):
                 needed = src.needed()
                 link.collected = link.ranks[0].client.submit(
                     collect_ranks, src, needed, *(link.ranks[i] for i in needed),
-                    key=f"{info.label}.{info.method}.collect-{info.cid}-{info.call_id}", pure=False)
+                    key=_key_name(info, ".collect"), pure=False)
             return link.collected
 
     # A Dask future of the collected value: Dask reads these (registration happens on first use).
