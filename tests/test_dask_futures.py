@@ -140,6 +140,11 @@ def test_gather_compute_wait_futures_of_as_completed_progress(cluster, parts, ca
     assert isinstance(computed, Future)
     assert [a.tolist() for a in computed.result()] == [a.tolist() for a in expected]
     assert [f is lazy for f in as_completed([lazy])] == [True]
+    (computed_here,) = dask.compute(lazy)
+    assert [a.tolist() for a in computed_here] == [a.tolist() for a in expected]
+    persisted = cluster.persist(lazy)
+    assert isinstance(persisted, Future) and persisted.key == lazy.key
+    assert [a.tolist() for a in persisted.result()] == [a.tolist() for a in expected]
     progress(lazy)
     assert "100% Completed" in capsys.readouterr().out
     # the value a Dask task collected is the one the driver collects

@@ -13,6 +13,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
+import dask.threaded
 from distributed import Future
 
 from . import progress
@@ -140,6 +141,19 @@ def _key_name(info: CallInfo, suffix: str = "") -> str:
     from dask.base import tokenize
 
     return f"{info.label}.{info.method}{suffix}-{tokenize(info.cid, info.call_id)}"
+
+
+def _first(results: list[Any]) -> Any:
+    return results[0]
+
+
+def _persisted(dsk: dict[Any, Any], *args: Any, rename: Any = None) -> Any:
+    """A persisted lazy result: the Dask future of its collected value."""
+    return next(iter(dsk.values()))
+
+
+def _no_optimize(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+    return dsk
 
 
 class _DaskLink:
@@ -631,6 +645,28 @@ class LazyResult(Future[Any]):
 
     def __dask_tokenize__(self) -> tuple[str, str, int]:
         return ("LazyResult", self._info.cid, self._info.call_id)
+
+    # And a Dask collection of that one key, so that dask.compute, dask.persist and client.persist
+    # take it too (a graph holding the collected future, as a persisted collection's does).
+    def __dask_graph__(self) -> dict[Any, Any]:
+        collected = self._collected()
+        return {collected.key: collected}
+
+    def __dask_keys__(self) -> list[Any]:
+        return [self.key]
+
+    def __dask_layers__(self) -> tuple[Any, ...]:
+        return (self.key,)
+
+    def __dask_postcompute__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return _first, ()
+
+    def __dask_postpersist__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return _persisted, ()
+
+    __dask_optimize__ = staticmethod(_no_optimize)
+    # What dask.compute uses without a distributed client (a lazy result always has one).
+    __dask_scheduler__ = staticmethod(dask.threaded.get)
 
     def __reduce__(self) -> Any:
         info = self._info
