@@ -180,6 +180,22 @@ def test_dask_future_nested_in_a_dict_arrives_as_its_value_fetched_by_the_worker
     assert not {submitted.key, scattered.key} & set(driver_gathers)
 
 
+def test_persisted_and_lazy_dask_collections_arrive_as_their_values(cluster, parts):
+    persisted = cluster.persist(dask.delayed(np.arange)(5))
+    wait(futures_of(persisted))
+    later = dask.delayed(sum)([1, 2, 3])
+    got = parts["consumer"].record({"p": persisted, "l": [later]})()
+    assert [(g["p"].tolist(), g["l"]) for g in got] == [([0, 1, 2, 3, 4], [6])] * 2
+
+
+def test_copying_a_lazy_result_registers_nothing(cluster, parts):
+    import copy
+
+    lazy = parts["producer"].produce("list")
+    assert copy.copy(lazy) is lazy and copy.deepcopy({"k": lazy})["k"] is lazy
+    assert lazy._dask is None
+
+
 def test_a_future_still_running_is_waited_for_and_held_until_the_call_ends(cluster, parts):
     consumer = parts["consumer"]
     slow = cluster.submit(lambda: (time.sleep(0.5), "late")[1], pure=False)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from dask.base import is_dask_collection
 from distributed import Future
 
 from ._wire.caller import Caller
@@ -27,7 +28,7 @@ from ._wire.channel import pack
 from ._wire.protocol import INLINE_ALL, INLINE_SMALL, Call
 from .dispatch import Dispatcher
 from .exceptions import ComponentClosedError, SerializationError
-from .futures import CallInfo, LazyResult, packing
+from .futures import CallInfo, LazyResult, _dask_client, packing
 from .lazy import KEEP, DaskInput, LazySource, contains, replace
 from .mesh import DeviceMesh
 from .specs import MethodSpec
@@ -80,13 +81,17 @@ def check_arguments(fn: Callable[..., Any], label: str, args: Sequence[Any], kwa
 
 
 def _is_lazy(x: Any) -> bool:
-    return isinstance(x, Future)  # LazyResult is one too
+    # A Dask future (a LazyResult is one too) or a Dask collection (a persisted Delayed, ...).
+    return isinstance(x, Future) or getattr(type(x), "__dask_graph__", None) is not None
 
 
 def prepare_inputs(
     args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any], list[Any]]:
     """Swap lazy results for their value (when the driver has it) or a placeholder, Dask futures for their key.
+
+    A Dask collection (a persisted ``Delayed``, say) is computed in the
+    cluster first (``client.compute``) and travels as its future's key.
 
     Returns the new arguments and the lazy results and futures that must stay
     alive until the call has run.
@@ -97,7 +102,9 @@ def prepare_inputs(
 
     def swap(x: Any) -> Any:
         if not isinstance(x, Future):
-            return KEEP
+            if not _is_lazy(x) or not is_dask_collection(x):
+                return KEEP
+            x = _dask_client().compute(x)  # its value, computed (a persisted one: gathered) in the cluster
         if not isinstance(x, LazyResult):
             held.append(x)  # the consumer's worker fetches it from the cluster, peer to peer
             return DaskInput(x.key)

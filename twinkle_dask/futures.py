@@ -668,6 +668,12 @@ class LazyResult(Future[Any]):
     # What dask.compute uses without a distributed client (a lazy result always has one).
     __dask_scheduler__ = staticmethod(dask.threaded.get)
 
+    def __copy__(self) -> LazyResult:
+        return self  # a handle on one call's results: copies are the same handle
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LazyResult:
+        return self
+
     def __reduce__(self) -> Any:
         info = self._info
         if getattr(packing, "args", False):
