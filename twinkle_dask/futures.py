@@ -595,9 +595,11 @@ class LazyResult(Future[Any]):
         client = _dask_client()
         name = _key_name(info)
         return tuple(
-            client.submit(kept_result, info.cid, info.call_id, slot, key=(name, rank), workers=[address],
-                          allow_other_workers=False, pure=False)
-            for slot, (rank, address) in enumerate(zip(info.ranks, info.addresses))
+            # Loose restriction: rerun after the worker was lost, the task fails elsewhere saying the
+            # component is not there, where a strict one would wait for the gone worker forever.
+            client.submit(kept_result, info.cid, info.call_id, rank, key=(name, rank), workers=[address],
+                          allow_other_workers=True, pure=False)
+            for rank, address in zip(info.ranks, info.addresses)
         )
 
     def _collected(self) -> Future[Any]:

@@ -21,8 +21,8 @@ from ..lazy import LazySource
 __all__ = ["collect_ranks", "kept_result"]
 
 
-async def kept_result(cid: str, call_id: int, index: int) -> Any:
-    """Dask task (on the rank's worker): the kept result ``call_id`` of component rank ``cid``.
+async def kept_result(cid: str, call_id: int, rank: int) -> Any:
+    """Dask task (on the rank's worker): the kept result ``call_id`` of rank ``rank`` of component ``cid``.
 
     Waits for the call if it has not finished yet; raises the rank's error if it failed.
     """
@@ -30,10 +30,10 @@ async def kept_result(cid: str, call_id: int, index: int) -> Any:
     ext = worker.extensions.get("twinkle")
     if ext is None:
         raise ComponentClosedError(
-            f"worker {worker.address} runs no twinkle extension: the component that produced this result "
-            f"is not there (its worker was restarted or replaced)"
+            f"worker {worker.address} runs no twinkle extension: rank {rank} of component {cid}, which "
+            f"produced this result, is not there (its worker was lost and Dask reran the task elsewhere)"
         )
-    return await ext.read_kept(cid, call_id, index)
+    return await ext.read_kept(cid, call_id, rank)
 
 
 def collect_ranks(src: LazySource, needed: list[int], *values: Any) -> Any:

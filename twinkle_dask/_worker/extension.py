@@ -551,9 +551,16 @@ class TwinkleWorker:
 
         return Resolver(self.worker.address, request, self._read_local, self.dask_value)
 
-    async def read_kept(self, cid: str, call_id: int, index: int) -> Any:
-        """A kept result of a component rank here, read in place (for the Dask tasks of ``futures()``)."""
-        return await self._read_local(cid, call_id, index, (), None)
+    async def read_kept(self, cid: str, call_id: int, rank: int) -> Any:
+        """A kept result of component rank ``rank`` here, read in place (for the Dask tasks of ``futures()``)."""
+        host = self.hosts.get(cid)
+        if host is None or host.identity.rank != rank:
+            raise ComponentClosedError(
+                f"rank {rank} of component {cid} is not on worker {self.worker.address}: its worker was lost "
+                f"(or the component closed) after its result was registered with Dask, and Dask reran the "
+                f"task elsewhere; call the component again for a new result"
+            )
+        return await self._read_local(cid, call_id, rank, (), None)
 
     async def dask_value(self, key: Any) -> Any:
         """The value of the Dask key ``key``: read in place when this worker holds it, else fetched from a peer.
