@@ -636,8 +636,10 @@ class LazyResult(Future[Any]):
         return self._collected().client
 
     def release(self) -> None:
-        """Dask's name: let go of the Dask futures (the result itself lives while this object does)."""
-        self._dask = None
+        """Dask's name: let go of the collected value's Dask future (the results live while this object does)."""
+        link = self._dask
+        if link is not None:
+            link.collected = None
 
     def __hash__(self) -> int:
         return object.__hash__(self)
