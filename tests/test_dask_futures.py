@@ -99,6 +99,18 @@ def test_futures_keep_the_data_after_the_lazy_result_is_gone_and_release_frees_i
     assert not set(keys) & set(cluster.who_has())
 
 
+def test_futures_of_a_result_dropped_while_its_call_still_runs_get_the_values(cluster, parts):
+    lazy = parts["consumer"].sleep(0.5)
+    futures = lazy.futures()
+    assert not any(f.done() for f in futures)
+    del lazy
+    gc.collect()
+    assert cluster.gather(futures) == [0.5, 0.5]
+    del futures
+    gc.collect()
+    assert _poll(lambda: _total("held") == 0), worker_stats()  # released once the Dask tasks had run
+
+
 def test_submit_on_a_lazy_result_gets_the_collected_value_never_through_the_driver(cluster, parts, driver_gathers):
     lazy = parts["producer"].big.options(collect="flatten")(MIB)
     fetched = _total("fetch_bytes")
