@@ -132,11 +132,14 @@ def test_map_submits_one_task_per_lazy_result(cluster, parts):
     assert cluster.gather(cluster.map(len, [a, b])) == expected
 
 
-def test_delayed_on_a_lazy_result_and_nested_in_a_dict(cluster, parts):
+def test_delayed_on_a_lazy_result_and_nested_in_a_dict(cluster, parts, driver_gathers):
     lazy = parts["producer"].produce.options(collect="flatten")("list")
     flat = sum((make_data("list", r) for r in range(4)), [])
     assert dask.delayed(sum)(lazy).compute() == sum(flat)
     assert dask.delayed(lambda d: d["x"][::-1])({"x": lazy}).compute() == flat[::-1]
+    # only the delayed calls' own results came to the driver
+    assert not ({f.key for f in lazy.futures()} | {lazy.key}) & set(driver_gathers)
+    assert len(driver_gathers) == 2
 
 
 def test_gather_compute_wait_futures_of_as_completed_progress(cluster, parts, capsys):
