@@ -131,8 +131,9 @@ def _dask_client() -> Any:
         return get_client()
     except ValueError:
         raise NotInitializedError(
-            "handing a lazy result to Dask needs the Dask client of a running session; call "
-            "twinkle_dask.initialize('dask', ...) first"
+            "handing a lazy result to Dask (or lazy.futures()) needs a Dask client: the driver's running "
+            "session (twinkle_dask.initialize('dask', ...) first) or, in component code, the worker's "
+            "(distributed.get_client() found none)"
         ) from None
 
 
