@@ -32,3 +32,13 @@ def test_a_lost_producer_worker_fails_its_rank_future_instead_of_hanging():
         print(f"rank future of a lost worker failed after {elapsed:.2f} s")
         assert elapsed < 30, f"took {elapsed:.1f} s"
         assert futures[0].result() == [0, 1, 2, 3]  # the surviving rank's data is untouched
+
+
+def test_futures_after_shutdown_is_a_typed_error_saying_what_is_missing():
+    from twinkle_dask.exceptions import NotInitializedError
+
+    with local_session(model=1):
+        lazy = Echo(remote_group="model").produce("list")
+        assert lazy() == [[0, 1, 2, 3]]
+    with pytest.raises(NotInitializedError, match=r"needs a Dask client.*initialize\('dask'"):
+        lazy.futures()
