@@ -39,6 +39,6 @@ def test_futures_after_shutdown_is_a_typed_error_saying_what_is_missing():
 
     with local_session(model=1):
         lazy = Echo(remote_group="model").produce("list")
-        assert lazy() == [[0, 1, 2, 3]]
+        assert lazy() == [0, 1, 2, 3]
     with pytest.raises(NotInitializedError, match=r"needs a Dask client.*initialize\('dask'"):
         lazy.futures()
