@@ -70,6 +70,9 @@ logger = logging.getLogger(__name__)
 #: How long a fetch waits for a call that has not reached this worker yet.
 ARRIVAL_TIMEOUT = 120.0
 
+#: How long a Dask future's key in a call's arguments may take to reach the scheduler.
+KEY_ARRIVAL_TIMEOUT = 30.0
+
 #: Seconds between a release of results and the trim that gives their memory back (at most one per period).
 TRIM_DELAY = 0.5
 
@@ -507,7 +510,8 @@ class TwinkleWorker:
         self.ends: set[ServerEnd] = set()
         self.children: list[Any] = []
         #: Counters for tests and benchmarks: results served to other processes.
-        self.stats = {"fetches": 0, "fetch_bytes": 0, "calls": 0, "inline_bytes": 0}
+        self.stats = {"fetches": 0, "fetch_bytes": 0, "calls": 0, "inline_bytes": 0, "dask_fetches": 0,
+                      "dask_local": 0}
         #: Runs the component code of this worker, one job at a time (see twinkle_dask._worker.execution).
         self.executor = Executor(f"twinkle-executor-{worker.name}")
         self._trim_handle: asyncio.TimerHandle | None = None
@@ -545,7 +549,61 @@ class TwinkleWorker:
         async def request(address: str, msg: Fetch | FetchMeta) -> Reply:
             return await self.caller.request(address, msg)
 
-        return Resolver(self.worker.address, request, self._read_local)
+        return Resolver(self.worker.address, request, self._read_local, self.dask_value)
+
+    async def read_kept(self, cid: str, call_id: int, rank: int) -> Any:
+        """A kept result of component rank ``rank`` here, read in place (for the Dask tasks of ``futures()``)."""
+        host = self.hosts.get(cid)
+        if host is None or host.identity.rank != rank:
+            raise ComponentClosedError(
+                f"rank {rank} of component {cid} is not on worker {self.worker.address}: its worker was lost "
+                f"(or the component closed) after its result was registered with Dask, and Dask reran the "
+                f"task elsewhere; call the component again for a new result"
+            )
+        return await self._read_local(cid, call_id, rank, (), None)
+
+    async def dask_value(self, key: Any) -> Any:
+        """The value of the Dask key ``key``: read in place when this worker holds it, else fetched from a peer.
+
+        A Dask ``Future`` in a component method's arguments arrives as its
+        key; the caller holds the future until the call has answered, so the
+        key stays in the cluster until this fetch is done.
+        """
+        worker = self.worker
+        ts = worker.state.tasks.get(key)
+        if ts is not None and ts.state == "memory" and key in worker.data:
+            self.stats["dask_local"] += 1
+            return worker.data[key]
+        from distributed import Future
+
+        client = worker._get_client()
+        if client.status != "running":
+            await client
+        await self._known_to_scheduler(key)
+        future: Future[Any] = Future(key, client)
+        # Like a future unpickled in a task: ask the scheduler for the key's state (it may still run).
+        client._send_to_scheduler({"op": "client-desires-keys", "keys": [key], "client": client.id})
+        try:
+            value = await client.gather(future, direct=True)
+        finally:
+            future.release()
+        self.stats["dask_fetches"] += 1
+        return value
+
+    async def _known_to_scheduler(self, key: Any) -> None:
+        """Wait until the scheduler knows ``key``: the caller's graph may still be on its way there."""
+        deadline = time.monotonic() + KEY_ARRIVAL_TIMEOUT
+        while True:
+            states = await self.worker.scheduler.get_task_status(keys=[key])
+            if states.get(key) is not None:
+                return
+            if time.monotonic() > deadline:
+                raise LookupError(
+                    f"the Dask future {key!r} passed to a component method is unknown to the scheduler after "
+                    f"{KEY_ARRIVAL_TIMEOUT:.0f} s: it was released or made by another cluster's client; pass a "
+                    f"future of this session's client and keep it until the call returns"
+                )
+            await asyncio.sleep(0.005)
 
     async def _read_local(self, cid: str, call_id: int, index: int, path: tuple[Any, ...], rng: Any) -> Any:
         host = self._host(cid)
