@@ -4,18 +4,42 @@ Workers record each finished call (component, method, rank, start, stop, ok)
 and send them to the scheduler in batches as Dask events on the topic
 ``twinkle-calls``; :func:`call_records` reads them back. A scheduler plugin
 turns them into Task Stream entries named ``<Component>.<method>``, one row
-per worker, so group calls show next to (or instead of) ordinary Dask tasks.
+per rank, so component calls show next to ordinary Dask tasks on the
+dashboard's Task Stream and in ``distributed.performance_report``.
 Recording costs an append per call and one compact message (msgpack bytes)
 per worker every half second; ``dask.config`` ``twinkle-dask.record-calls:
 false`` turns it off.
+
+Only public Dask interfaces carry the records:
+
+* worker to scheduler: ``Worker.log_event`` (documented, batched on the
+  worker's scheduler stream), read back with ``Client.get_events``. The
+  scheduler keeps the last ``distributed.admin.low-level-log-length`` events
+  of the topic (Dask's bound for every topic, 1000 by default), each with at
+  most :data:`MAX_RECORDS` calls (about 60 bytes a call).
+* on the scheduler: :class:`TwinkleSchedulerPlugin`, a ``SchedulerPlugin``
+  installed with ``Client.register_plugin``, receives each event through the
+  documented ``SchedulerPlugin.log_event`` hook.
+* into the Task Stream: the dashboard page, ``Client.get_task_stream`` and
+  ``performance_report`` all read Dask's ``TaskStreamPlugin``; the plugin
+  feeds it through that plugin's public ``transition`` hook, with the
+  keywords a finished task's ``processing -> memory`` (or ``-> erred``)
+  transition carries. Nothing writes its buffer or counter.
+
+One attribute has no documented accessor: ``Scheduler.plugins``, the
+scheduler's public (not underscored) name -> plugin mapping, is read to find
+the ``TaskStreamPlugin`` a dashboard page may already have made, exactly as
+Dask's own dashboard components and ``Scheduler.get_task_stream`` find it; a
+new one is added with ``Scheduler.add_plugin``. There is no other way to
+reach the one instance every Task Stream view reads, short of running real
+tasks for every call.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import dask
 import msgpack
@@ -23,16 +47,16 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.diagnostics.task_stream import TaskStreamPlugin
 
 __all__ = ["TOPIC", "CallRecord", "CallRecorder", "TwinkleSchedulerPlugin", "call_records", "decode",
-           "recording_enabled"]
+           "recording_enabled", "task_key"]
 
 logger = logging.getLogger(__name__)
 
 TOPIC = "twinkle-calls"
 FLUSH_INTERVAL = 0.5
-#: At most this many calls per event (a worker running thousands of calls a second sends the
-#: latest), and the scheduler keeps the last EVENTS_KEPT events of the topic: bounded memory.
+#: At most this many calls per event: a worker running thousands of calls a second sends the latest.
 MAX_RECORDS = 500
-EVENTS_KEPT = 64
+#: The Task Stream history kept when no dashboard page made the Task Stream plugin first
+#: (Dask's own default keeps 100,000 tasks).
 TASK_STREAM_KEPT = 10_000
 
 
@@ -106,8 +130,23 @@ def call_records(client: Any) -> list[CallRecord]:
     return [r for _, msg in client.get_events(TOPIC) if isinstance(msg, bytes) for r in decode(msg)]
 
 
+def task_key(record: CallRecord) -> str:
+    """The Task Stream key of one call: ``<Component>.<method>-<component id>-<call id>-rank<r>``.
+
+    Dask names a Task Stream bar by the key's prefix (``key_split``), so the
+    bars read ``<Component>.<method>``; the rest keeps every key unique.
+    """
+    return f"{record.component}.{record.method}-{record.cid.rsplit('-', 1)[-1]}-{record.call_id}-rank{record.rank}"
+
+
 class TwinkleSchedulerPlugin(SchedulerPlugin):
-    """Scheduler side: turns ``twinkle-calls`` events into Task Stream entries."""
+    """Scheduler side: turns ``twinkle-calls`` events into Task Stream entries.
+
+    Each call becomes what a finished task's transition hands the Task Stream
+    plugin: the worker, a thread named ``<Component>-rank<r>`` (one row per
+    rank), one ``compute`` interval, and ``status`` ``'OK'`` or ``'error'``
+    (a failed call is drawn black, as a failed task is).
+    """
 
     name = "twinkle-dask"
 
@@ -116,31 +155,26 @@ class TwinkleSchedulerPlugin(SchedulerPlugin):
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
-        try:  # keep fewer events of this busy topic than Dask's default for every topic
-            topic = scheduler._broker._topics[TOPIC]
-            topic.events = deque(topic.events, maxlen=EVENTS_KEPT)
-        except Exception:  # another Dask version: its default bound applies
-            logger.debug("twinkle: could not bound the %s event log", TOPIC, exc_info=True)
 
-    def _task_stream(self) -> Any:
+    def _task_stream(self) -> TaskStreamPlugin:
         plugin = self.scheduler.plugins.get(TaskStreamPlugin.name)
         if plugin is None:  # no dashboard page made one: keep a shorter history than its default
             plugin = TaskStreamPlugin(self.scheduler, maxlen=TASK_STREAM_KEPT)
-            self.scheduler.add_plugin(plugin)
-        return plugin
+            self.scheduler.add_plugin(plugin, name=TaskStreamPlugin.name)
+        return cast(TaskStreamPlugin, plugin)
 
     def log_event(self, topic: str, msg: Any) -> None:
         if topic != TOPIC or self.scheduler is None or not isinstance(msg, bytes):
             return
         stream = self._task_stream()
         for r in decode(msg):
-            stream.buffer.append({
-                "key": f"{r.component}.{r.method}-{r.cid.rsplit('-', 1)[-1]}-{r.call_id}-rank{r.rank}",
-                "worker": r.worker,
-                "thread": f"{r.component}-rank{r.rank}",
-                "status": "OK" if r.ok else "error",
-                "startstops": [{"action": "compute", "start": r.start, "stop": r.stop}],
-                "nbytes": 0,
-                "type": "twinkle",
-            })
-            stream.index += 1
+            stream.transition(
+                task_key(r), "processing", "memory" if r.ok else "erred",
+                worker=r.worker,
+                thread=f"{r.component}-rank{r.rank}",
+                status="OK" if r.ok else "error",
+                startstops=[{"action": "compute", "start": r.start, "stop": r.stop}],
+                nbytes=0,
+                type="twinkle",
+                stimulus_id=f"twinkle-call-{r.call_id}",
+            )
