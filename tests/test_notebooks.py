@@ -16,6 +16,13 @@ NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 EXPECTED = {
     "quickstart.ipynb": ["[0, 2, 4, 6, 8, 10, 12, 14]", "7.0"],
     "device_mesh.ipynb": ["[0, 1, 2, 3, 4]", "'dp': 1"],
+    "dask_interop.ipynb": [
+        "2 {'samples': 8, 'mean reward': 4.5} samples counted by Dask: 8",
+        # component calls and plain Dask tasks side by side in Dask's Task Stream
+        "{'Sampler.generate': 6, 'reward': 6, 'len': 3, 'Trainer.step': 6}",
+        "['Trainer-rank0', 'Trainer-rank1']",
+        "calls per rank: [(('Trainer', 0), 3), (('Trainer', 1), 3)] each took 0.2 s or more: True",
+    ],
     "gpu_dask_cuda.ipynb": [
         # with fewer than 3 GPUs: simulated, the policy's tensors on the CPU, the environment a GPU worker gets
         "GPU(s) here: simulated GPUs on CPU workers",
