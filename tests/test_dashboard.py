@@ -10,9 +10,20 @@ from dask.utils import key_split
 from distributed import performance_report
 from distributed.diagnostics.task_stream import rectangles
 
-from twinkle_dask.dashboard import call_records
+from twinkle_dask.dashboard import MAX_RECORDS, CallRecord, call_records, decode, encode
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def test_an_event_carries_each_name_once_and_decodes_to_the_same_calls():
+    start = 1.7e9
+    records = [["Policy", "forward", "model-Policy-3f9a1c2b7d", i, i % 4, start + i / 1e3, start + i / 1e3 + 5e-4,
+                i % 7 != 0] for i in range(MAX_RECORDS - 1)]
+    records.append(["Reference", "score", "ref-Reference-0a1b2c3d4e", 7, 0, start, start + 1, False])
+    msg = encode("tcp://10.0.0.1:4321", records)
+    assert decode(msg) == [CallRecord("tcp://10.0.0.1:4321", *r) for r in records]
+    assert msg.count(b"forward") == 1 and msg.count(b"model-Policy-3f9a1c2b7d") == 1
+    assert len(msg) <= 26 * MAX_RECORDS  # a full event: the scheduler keeps at most 1000 of them
 
 
 def _events(client, want: int) -> list:
