@@ -16,7 +16,7 @@ Only public Dask interfaces carry the records:
   worker's scheduler stream), read back with ``Client.get_events``. The
   scheduler keeps the last ``distributed.admin.low-level-log-length`` events
   of the topic (Dask's bound for every topic, 1000 by default), each with at
-  most :data:`MAX_RECORDS` calls of about 25 bytes: at most 13 MB.
+  most :data:`MAX_RECORDS` calls of about 25 bytes: about 12 MB at most.
 * on the scheduler: :class:`TwinkleSchedulerPlugin`, a ``SchedulerPlugin``
   installed with ``Client.register_plugin``, receives each event through the
   documented ``SchedulerPlugin.log_event`` hook.
@@ -26,13 +26,20 @@ Only public Dask interfaces carry the records:
   keywords a finished task's ``processing -> memory`` (or ``-> erred``)
   transition carries. Nothing writes its buffer or counter.
 
-One attribute has no documented accessor: ``Scheduler.plugins``, the
-scheduler's public (not underscored) name -> plugin mapping, is read to find
-the ``TaskStreamPlugin`` a dashboard page may already have made, exactly as
-Dask's own dashboard components and ``Scheduler.get_task_stream`` find it; a
-new one is added with ``Scheduler.add_plugin``. There is no other way to
-reach the one instance every Task Stream view reads, short of running real
-tasks for every call.
+What is not documented, and why it is still used: ``TaskStreamPlugin`` is
+documented as a plugin the scheduler calls, not as one anybody else calls;
+handing it a transition relies on it recording every ``processing ->
+memory/erred`` transition it is given, which is all its ``transition`` does.
+And ``Scheduler.plugins``, the scheduler's public (not underscored) name ->
+plugin mapping without a documented accessor, is read to find the
+``TaskStreamPlugin`` a dashboard page may already have made, exactly as
+Dask's own dashboard components and ``Scheduler.get_task_stream`` find it (a
+new one is added with ``Scheduler.add_plugin``). Every Task Stream view reads
+that one instance, and there is no other way to reach it. The alternatives
+are worse: a real Dask task per call would put the scheduler on every call's
+path, and a stream handler of our own (``Scheduler.stream_handlers``) is just
+as undocumented and would bypass the event log that ``Client.get_events``,
+``Client.subscribe_topic`` and :func:`call_records` read.
 """
 
 from __future__ import annotations
