@@ -76,6 +76,7 @@ def test_calls_appear_in_the_task_stream_one_row_per_rank(cluster):
     assert sorted(e["thread"] for e in entries) == ["Echo-rank0", "Echo-rank1", "Echo-rank2", "Echo-rank3"]
     assert sorted(e["worker"] for e in entries) == sorted(echo._twinkle_ref.addresses)
     assert {e["status"] for e in entries} == {"OK"}
+    assert {e["type"] for e in entries} == {"twinkle"}
     assert {key_split(e["key"]) for e in entries} == {"Echo.count"}
     rects = rectangles(entries)
     assert set(rects["name"]) == {"Echo.count"}

@@ -19,7 +19,8 @@ EXPECTED = {
     "dask_interop.ipynb": [
         "2 {'samples': 8, 'mean reward': 4.5} samples counted by Dask: 8",
         # component calls and plain Dask tasks side by side in Dask's Task Stream
-        "{'Sampler.generate': 6, 'reward': 6, 'len': 3, 'Trainer.step': 6}",
+        "component calls: {'Sampler.__init__': 2, 'Sampler.generate': 6, 'Trainer.__init__': 2, 'Trainer.step': 6}",
+        "plain Dask tasks: {'reward': 6, 'len': 3, 'sum': 3}",
         "['Trainer-rank0', 'Trainer-rank1']",
         "calls per rank: [(('Trainer', 0), 3), (('Trainer', 1), 3)] each took 0.2 s or more: True",
     ],

@@ -164,8 +164,10 @@ class TwinkleSchedulerPlugin(SchedulerPlugin):
 
     Each call becomes what a finished task's transition hands the Task Stream
     plugin: the worker, a thread named ``<Component>-rank<r>`` (one row per
-    rank), one ``compute`` interval, and ``status`` ``'OK'`` or ``'error'``
-    (a failed call is drawn black, as a failed task is).
+    rank), one ``compute`` interval, ``status`` ``'OK'`` or ``'error'`` (a
+    failed call is drawn black, as a failed task is) and ``type``
+    ``'twinkle'``, which tells component calls from tasks in
+    ``Client.get_task_stream()``.
     """
 
     name = "twinkle-dask"
