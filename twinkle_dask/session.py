@@ -20,6 +20,7 @@ import psutil
 
 from . import identity as _identity
 from . import runtime
+from ._aio import Pending, offload, on_loop, running_loop
 from ._checks import check_bool, check_count, check_int, check_str, check_timeout
 from ._config import seconds
 from ._deploy.cluster import (
@@ -31,11 +32,12 @@ from ._deploy.cluster import (
     resource_name,
     start_local_cluster,
     stop_local_cluster,
+    use_async_client,
 )
 from ._seed import seed_everything
 from ._wire.caller import Caller
 from ._wire.protocol import Close, Notice, Output
-from .exceptions import ConfigurationError, WorkerLostError, WorkerRestartError
+from .exceptions import BlockingCallError, ConfigurationError, WorkerLostError, WorkerRestartError
 from .group import BuildPlan, ComponentRef, create_component
 from .mesh import DeviceGroup, DeviceMesh, resolve_groups
 from .reporting import MetricsLog, show_output
@@ -430,6 +432,7 @@ def initialize(
     security: Any = None,
     simulate_gpus: bool = False,
     memory_limit: Any = "auto",
+    asynchronous: bool | None = None,
 ) -> Any:
     """Start twinkle_dask, in-process (``'local'``) or on a Dask cluster (``'dask'``).
 
@@ -483,11 +486,20 @@ def initialize(
         machine's memory (``0.5``), or ``None``/``0`` for no limit. Dask's
         memory manager spills and pauses the worker near it. Ignored for
         existing clusters (their workers have their own).
+    asynchronous : bool, optional
+        Start an async driver: ``initialize`` returns an awaitable of the
+        client, and afterwards builds and calls return awaitables on the
+        running event loop (see the README's "Async drivers"). Default: True
+        when ``client`` is an asynchronous client used on its own loop
+        (``await Client(asynchronous=True)``). ``True`` without ``client``
+        must be called inside a running loop; the session then talks to the
+        cluster through an asynchronous client of its own on that loop.
 
     Returns
     -------
     distributed.Client or None
-        The client in ``'dask'`` mode (its notebook repr links the dashboard).
+        The client in ``'dask'`` mode (its notebook repr links the dashboard);
+        for an async driver an awaitable of it.
 
     Raises
     ------
@@ -500,6 +512,8 @@ def initialize(
     ClusterUnreachableError
         If no scheduler answers at ``address`` within Dask's connect timeout
         (``distributed.comm.timeouts.connect``).
+    BlockingCallError
+        For ``asynchronous=False`` on the loop of an asynchronous client.
 
     Examples
     --------
@@ -507,6 +521,11 @@ def initialize(
     >>> from twinkle_dask import DeviceGroup
     >>> twinkle.initialize('dask', groups=[DeviceGroup(name='default', ranks=4, device_type='cpu')])  # doctest: +SKIP
     <Client: 'tcp://127.0.0.1:...' processes=4 threads=4>
+
+    In a coroutine, with an asynchronous client:
+
+    >>> client = await Client(cluster, asynchronous=True)  # doctest: +SKIP
+    >>> await twinkle.initialize('dask', client=client, groups=[...])  # doctest: +SKIP
     """
     # Every option is checked before anything starts (a process, a connection, the seeding).
     if mode not in MODES:
@@ -524,10 +543,13 @@ def initialize(
     check_bool(where, "simulate_gpus", simulate_gpus)
     nproc_per_node = check_count(where, "nproc_per_node", nproc_per_node)
     check_count(where, "ncpu_proc_per_node", ncpu_proc_per_node, minimum=0)
+    if asynchronous is not None:
+        check_bool(where, "asynchronous", asynchronous)
     if mode == "dask":
         check_cluster_options(address=address, client=client, security=security,
                               dashboard_address=dashboard_address)
         memory_bytes = resolve_memory_limit(memory_limit)
+        asynchronous = _check_asynchronous(asynchronous, client)
     current = runtime.process_session()
     if mode == "local":
         if isinstance(current, DaskSession) and not current.closed:
@@ -561,22 +583,67 @@ def initialize(
             f"twinkle_dask.shutdown() first to start again with other groups"
         )
     seed_everything(seed, full_determinism)
-    if address is not None or client is not None:
-        connection = connect_cluster(resolved, address=address, client=client, security=security,
-                                     nproc_per_node=nproc_per_node)
-    else:
-        connection = start_local_cluster(resolved, dashboard_address=dashboard_address,
-                                         simulate_gpus=simulate_gpus, security=security,
-                                         memory_limit=memory_bytes)
-    session = DaskSession(
-        connection=connection, groups=device_groups, seed=seed, full_determinism=full_determinism,
-        global_mesh=global_device_mesh, lazy_collect=lazy_collect, name=name, notifier=notifier,
-        config=config,
+    connect = functools.partial(
+        _connect, resolved, address=address, client=client, security=security, nproc_per_node=nproc_per_node,
+        dashboard_address=dashboard_address, simulate_gpus=simulate_gpus, memory_limit=memory_bytes,
     )
+    start = functools.partial(
+        _start_session, groups=device_groups, seed=seed, full_determinism=full_determinism,
+        global_mesh=global_device_mesh, lazy_collect=lazy_collect, name=name, notifier=notifier, config=config,
+    )
+    if asynchronous:
+        return Pending("twinkle_dask session starting", _start_async(connect, start))
+    return start(connect())
+
+
+def _check_asynchronous(asynchronous: bool | None, client: Any) -> bool:
+    """Whether ``initialize`` starts an async driver (see its ``asynchronous`` parameter)."""
+    loop = running_loop()
+    client_async = client is not None and loop is not None and on_loop(client.loop.asyncio_loop)
+    if asynchronous is None:
+        return client_async
+    if asynchronous and loop is None:
+        raise ConfigurationError(
+            "initialize(..., asynchronous=True) was called outside a running event loop; await it inside a "
+            "coroutine (`client = await twinkle_dask.initialize('dask', ..., asynchronous=True)`), or drop "
+            "asynchronous=True for a synchronous driver"
+        )
+    if asynchronous and client is not None and not client_async:
+        raise ConfigurationError(
+            f"initialize(..., asynchronous=True) got the synchronous client {client!r}; pass an asynchronous "
+            f"one (`client = await Client(..., asynchronous=True)`), or drop asynchronous=True"
+        )
+    if not asynchronous and client_async:
+        raise BlockingCallError("initialize(..., asynchronous=False) with an asynchronous client on its loop",
+                                "await twinkle_dask.initialize('dask', client=client, ...)")
+    return asynchronous
+
+
+def _connect(resolved: Any, *, address: str | None, client: Any, security: Any, nproc_per_node: int | None,
+             dashboard_address: str | None, simulate_gpus: bool, memory_limit: int) -> ClusterConnection:
+    """Reach the cluster (blocking): the existing one, or a local one started now."""
+    if address is not None or client is not None:
+        return connect_cluster(resolved, address=address, client=client, security=security,
+                               nproc_per_node=nproc_per_node)
+    return start_local_cluster(resolved, dashboard_address=dashboard_address, simulate_gpus=simulate_gpus,
+                               security=security, memory_limit=memory_limit)
+
+
+def _start_session(connection: ClusterConnection, **options: Any) -> Any:
+    """Make ``connection``'s session the process's session; return its client."""
+    session = DaskSession(connection=connection, **options)
     runtime.set_process_session(session)
     _register_atexit()
-    logger.info("twinkle_dask session started: groups %s", [g.name for g in device_groups])
+    logger.info("twinkle_dask session started: groups %s", [g.name for g in session.groups])
     return connection.client
+
+
+async def _start_async(connect: Callable[[], ClusterConnection], start: Callable[[ClusterConnection], Any]) -> Any:
+    """``initialize`` for an async driver: the blocking connect runs in a thread, off the loop."""
+    connection = await offload(connect)
+    if not on_loop(connection.client.loop.asyncio_loop):  # our own synchronous client, on a loop of its own
+        await use_async_client(connection)
+    return start(connection)
 
 
 _atexit_registered = False
@@ -589,7 +656,7 @@ def _register_atexit() -> None:
         _atexit_registered = True
 
 
-def shutdown(timeout: float = 30.0) -> None:
+def shutdown(timeout: float = 30.0) -> Any:
     """Close the session: destroy the components, and stop the local cluster if initialize started one.
 
     Safe to call more than once; completes within about ``timeout`` seconds
@@ -600,6 +667,12 @@ def shutdown(timeout: float = 30.0) -> None:
     timeout : float, default 30
         Seconds to allow for closing the components and the local cluster.
 
+    Returns
+    -------
+    None, or an awaitable for an async driver
+        On the loop of an async driver's session: ``await twinkle_dask.shutdown()``
+        (the closing starts at once, awaited or not).
+
     Raises
     ------
     ConfigurationError
@@ -609,4 +682,7 @@ def shutdown(timeout: float = 30.0) -> None:
     session = runtime.process_session()
     runtime.set_process_session(None)
     if isinstance(session, DaskSession):
+        if on_loop(session.caller.loop):
+            return Pending("twinkle_dask shutdown", offload(session.close, timeout))
         session.close(timeout)
+    return None
