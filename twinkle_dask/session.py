@@ -641,7 +641,7 @@ def _start_session(connection: ClusterConnection, **options: Any) -> Any:
 async def _start_async(connect: Callable[[], ClusterConnection], start: Callable[[ClusterConnection], Any]) -> Any:
     """``initialize`` for an async driver: the blocking connect runs in a thread, off the loop."""
     connection = await offload(connect)
-    if not on_loop(connection.client.loop.asyncio_loop):  # our own synchronous client, on a loop of its own
+    if not on_loop(cast("AsyncIOLoop", connection.client.loop).asyncio_loop):  # our own sync client, on its own loop
         await use_async_client(connection)
     return start(connection)
 
