@@ -6,11 +6,12 @@ import asyncio
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
-from components import CustomError, Echo, Loader
+from components import Broken, CustomError, Echo, Loader, Stepper
 from distributed import Client
 from distributed.utils_test import gen_cluster
 
@@ -105,8 +106,6 @@ async def test_async_driver_builds_calls_hands_off_and_shuts_down(c, s, *workers
         await model.sleep.options(timeout=0.1)(0.5)
     assert timed_out.value.pending_ranks == (0, 1)
     with pytest.raises(ValueError, match="cannot build rank 1"):
-        from components import Broken
-
         await Broken(remote_group="model")
 
     await twinkle.close_component(data)
@@ -150,10 +149,48 @@ async def test_blocking_calls_on_the_loop_raise_at_once(c, s, *workers):
     )
     assert await r == 0.3
     assert r() == 0.3
+    # Awaited on the loop while a thread waits in result(): neither blocks the other.
+    big = model.big(256 * 1024)
+    in_thread, on_loop = await asyncio.gather(asyncio.to_thread(big.result), big)
+    assert in_thread is on_loop and np.array_equal(on_loop, np.zeros(32768))
+    # A thread in result() holds the result's lock while it waits for the loop: the loop never waits on it.
+    big = model.big(256 * 1024)
+    held = threading.Event()
+
+    def hold_lock():
+        with big._lock:
+            held.set()
+            time.sleep(0.5)
+
+    holder = asyncio.ensure_future(asyncio.to_thread(hold_lock))
+    await asyncio.to_thread(held.wait)
+    gaps: list[float] = []
+    beat = asyncio.ensure_future(_heartbeat(gaps))
+    start = time.monotonic()
+    assert np.array_equal(await big, np.zeros(32768))
+    waited = time.monotonic() - start
+    beat.cancel()
+    await holder
+    assert waited >= 0.2 and max(gaps) < 0.2, (waited, max(gaps))
     # From another thread the same calls simply wait, the loop delivering their replies meanwhile.
     assert await asyncio.to_thread(len, loader) == 3
     assert len(await asyncio.to_thread(list, loader)) == 3
     assert await asyncio.to_thread(model.sleep(0.05).per_rank) == [0.05, 0.05]
+    await twinkle.shutdown()
+
+
+@gen_cluster(client=True, **CLUSTER)
+async def test_async_for_iterates_a_handle(c, s, *workers):
+    await twinkle.initialize("dask", client=c, groups=GROUPS)
+    loader = await Loader(remote_group="data")
+    batches = [batch async for batch in loader]  # lazy by default: each batch a LazyResult
+    assert all(isinstance(b, twinkle.LazyResult) for b in batches)
+    assert [await b for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    stepper = await Stepper([3, 2], remote_group="model")  # lazy_collect=False: the values; rank 1 stops first
+    assert [step async for step in stepper] == [[1, 1], [2, 2]]
+    assert [step async for step in stepper] == [[1, 1], [2, 2]]  # __iter__ starts it again
+    with pytest.raises(TypeError, match="'Echo' object is not iterable"):
+        (await Echo(remote_group="model")).__aiter__()
     await twinkle.shutdown()
 
 

@@ -455,17 +455,23 @@ class LazyResult:
         await asyncio.wrap_future(self._done)
         return await asyncio.get_running_loop().run_in_executor(None, self.result)
 
+    async def _settled(self) -> None:
+        """``_wait(None)`` without blocking the running loop: until the call settled or its timeout passed."""
+        if self._done.done():
+            return
+        timeout = self._info.timeout
+        try:  # shielded: a timeout must not cancel the call's own future
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._done)), timeout)
+        except TimeoutError:
+            if not any(o is not None and not o.ok for o in self._outcomes):
+                pending = [self._info.ranks[i] for i, o in enumerate(self._outcomes) if o is None]
+                raise CallTimeoutError(self._info.label, self._info.method, timeout or 0.0, pending) from None
+
     async def _await_on_loop(self) -> Any:
         """``result()`` for an async driver: on the loop that delivers the replies, never blocking it."""
         timeout = self._info.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._done.done():
-            try:  # shielded: a timeout must not cancel the call's own future
-                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._done)), timeout)
-            except TimeoutError:
-                if not any(o is not None and not o.ok for o in self._outcomes):
-                    pending = [self._info.ranks[i] for i, o in enumerate(self._outcomes) if o is None]
-                    raise CallTimeoutError(self._info.label, self._info.method, timeout or 0.0, pending) from None
+        await self._settled()
         self._raise_if_failed()
         needed = self._info.collector.needed(len(self._info.ranks), self._info.mesh)
         requests = {slot: self._caller.request(self._info.addresses[slot], self._fetch_message())
@@ -479,10 +485,15 @@ class LazyResult:
             except WorkerLostError as exc:
                 raise self._fetch_lost(slot, exc) from None
             self._store_fetched(slot, reply)
-        with self._lock:
+        # A thread in result() holds the lock while it waits for this loop: never block on it here.
+        while not self._lock.acquire(blocking=False):
+            await asyncio.sleep(0.001)
+        try:
             if self._value_set:
                 return self._value
             return self._collected(dict(zip(needed, self._unpacked(needed))))
+        finally:
+            self._lock.release()
 
     # Twinkle's lazy results can be iterated and measured after collecting.
     def __iter__(self) -> Any:

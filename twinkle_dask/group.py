@@ -18,7 +18,7 @@ import time
 import types
 import uuid
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -630,6 +630,14 @@ class ComponentHandle:
         spec = method_spec(cls.__iter__) or _ITER_DEFAULT
         return _HandleIterator(self, spec)
 
+    def __aiter__(self) -> AsyncIterator[Any]:
+        """``async for batch in handle``: iteration that awaits each step (for async drivers)."""
+        cls = type(self)._twinkle_cls
+        if not hasattr(cls, "__iter__"):
+            raise TypeError(f"{cls.__name__!r} object is not iterable")
+        spec = method_spec(cls.__iter__) or _ITER_DEFAULT
+        return _async_batches(self, spec)
+
     def restart(self, timeout: float = 120.0) -> Any:
         """Rebuild the instances with their original constructor arguments (see :func:`restart_component`).
 
@@ -686,6 +694,23 @@ class _HandleIterator:
         return result if lazy else result.result()
 
 
+async def _async_batches(handle: Any, spec: MethodSpec) -> AsyncIterator[Any]:
+    """What :class:`_HandleIterator` yields, each step awaited instead of waited for."""
+    start = MethodSpec("__iter__", dispatch="all", execute=spec.execute, collect="none", timeout=spec.timeout)
+    await _call(handle, start, None, (), {}, lazy=True)
+    step = MethodSpec("__next__", dispatch="all", execute=spec.execute, collect=spec.collect,
+                      lazy_collect=spec.lazy_collect, timeout=spec.timeout)
+    while True:
+        lazy = _lazy_for(handle, step, _session_for(_state(handle), "__next__"))
+        result = _call(handle, step, None, (), {}, lazy=True, remote_name="__twinkle_next__")
+        await result._settled()
+        result._raise_if_failed()
+        if result._stopped():
+            result._release()
+            return
+        yield result if lazy else await result
+
+
 def _rebuild_handle(ref: ComponentRef, remote_group: str | None) -> Any:
     return make_handle(ref, remote_group)
 
@@ -694,7 +719,7 @@ def _rebuild_handle(ref: ComponentRef, remote_group: str | None) -> Any:
 _OWN = frozenset(
     {"__init__", "__new__", "__getattr__", "__getattribute__", "__setattr__", "__delattr__",
      "__repr__", "__str__", "_repr_html_", "__reduce__", "__reduce_ex__", "__getstate__", "__setstate__",
-     "__copy__", "__deepcopy__", "__bool__", "__eq__", "__ne__", "__hash__", "__len__", "__iter__",
+     "__copy__", "__deepcopy__", "__bool__", "__eq__", "__ne__", "__hash__", "__len__", "__iter__", "__aiter__",
      "__next__", "__dir__", "__del__", "__init_subclass__", "__class_getitem__", "__subclasshook__",
      "__dict__", "__weakref__", "__module__", "__doc__", "__qualname__", "__slots__", "__annotations__",
      "__abstractmethods__", "_abc_impl", "__class__", "__format__", "__sizeof__", "__firstlineno__",
