@@ -239,3 +239,53 @@ def test_readme_async_example_runs(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["50", "[11, 12, 13, 14]"]
+
+
+DRIVER_WITHOUT_SHUTDOWN = """
+import asyncio, json, sys
+import psutil
+sys.path.insert(0, {tests!r})
+from components import Echo
+import twinkle_dask as twinkle
+from twinkle_dask import DeviceGroup
+
+async def main():
+    await twinkle.initialize("dask", groups=[DeviceGroup(name="model", ranks=2, device_type="cpu")],
+                             dashboard_address=None, asynchronous=True)
+    model = await Echo(remote_group="model")
+    print(json.dumps(await model.recv([1, 2])))
+    print(json.dumps([p.pid for p in psutil.Process().children(recursive=True)]), flush=True)
+
+asyncio.run(main())  # ends without twinkle_dask.shutdown(): the session is closed at exit
+"""
+
+
+def test_driver_whose_loop_ends_without_shutdown_exits_and_stops_its_workers(tmp_path):
+    import json
+    import pathlib
+
+    import psutil
+
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER_WITHOUT_SHUTDOWN.format(tests=str(pathlib.Path(__file__).parent)))
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100, cwd=tmp_path)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert json.loads(lines[0]) == [{"args": [[1]], "kwargs": {}}, {"args": [[2]], "kwargs": {}}]
+    children = json.loads(lines[1])
+    assert len(children) >= 2  # the worker processes (and the zygote that forks them)
+    assert "Await twinkle_dask.shutdown() before the loop ends" in proc.stderr
+    assert elapsed < 9, elapsed  # no waiting on a loop that is gone (10 s per request batch)
+
+    def running(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(running(p) for p in children):
+        assert time.monotonic() < deadline, [p for p in children if running(p)]
+        time.sleep(0.1)

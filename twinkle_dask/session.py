@@ -365,6 +365,17 @@ class DaskSession:
         if self.closed:
             return
         self.closed = True
+        if not self._caller.loop.is_running():
+            # An async driver's loop ended before `await twinkle_dask.shutdown()` (this runs at exit):
+            # its channels and client went with it. What is left: the local cluster, if we started one.
+            logger.warning("twinkle_dask: the event loop of this async driver stopped before the session was "
+                           "shut down; its components were not closed. Await twinkle_dask.shutdown() before the "
+                           "loop ends")
+            self._components.clear()
+            if self._notify_pool is not None:
+                self._notify_pool.shutdown(wait=False)
+            self._stop_cluster(timeout)
+            return
         futures = [
             self._caller.request_threadsafe(addr, Close(record.ref.cid))
             for record in self._components.values()
@@ -391,6 +402,11 @@ class DaskSession:
                 conn.client.close(timeout=5)
             except Exception:
                 logger.debug("twinkle_dask: closing the client failed", exc_info=True)
+        self._stop_cluster(timeout)
+
+    def _stop_cluster(self, timeout: float) -> None:
+        """Stop the local cluster if initialize started one; restore the driver's environment."""
+        conn = self.connection
         if conn.cluster is not None:
             try:
                 stop_local_cluster(conn.cluster, timeout, conn.zygote)
