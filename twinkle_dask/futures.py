@@ -122,6 +122,11 @@ class LazyResult:
     ``r.result(timeout=...)``, ``r.done()`` and ``await r`` work too. Passed
     into another component's method, the data goes worker to worker.
 
+    In an async driver (an asynchronous client, on its loop) ``await r`` is
+    the way to the value: waiting there (``r()``, ``r.result()``,
+    ``r.per_rank()``) raises :class:`~twinkle_dask.exceptions.BlockingCallError`
+    until the value was awaited.
+
     Not constructed by users: remote method calls return it.
     """
 
