@@ -15,6 +15,7 @@ from .collect import register_collect
 from .decorators import remote_class, remote_function
 from .dispatch import register_dispatch
 from .exceptions import (
+    BlockingCallError,
     CallTimeoutError,
     ClusterUnreachableError,
     ColocationError,
@@ -43,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "USE_DEFAULT",
+    "BlockingCallError",
     "CallTimeoutError",
     "ClusterUnreachableError",
     "ColocationError",

@@ -23,6 +23,7 @@ from typing import Any
 from dask.base import is_dask_collection
 from distributed import Future
 
+from ._aio import on_loop
 from ._wire.caller import Caller
 from ._wire.channel import pack
 from ._wire.protocol import INLINE_ALL, INLINE_SMALL, Call
@@ -158,7 +159,11 @@ def invoke(
     closed: Callable[[], bool],
     remote_name: str | None = None,
 ) -> Any:
-    """Run ``spec`` on ``target``'s ranks; return a LazyResult, or the value when not lazy."""
+    """Run ``spec`` on ``target``'s ranks; return a LazyResult, or the value when not lazy.
+
+    On an async driver's event loop (the caller's own loop) it always returns
+    the LazyResult, without waiting: ``await`` it for the value.
+    """
     if closed():
         raise ComponentClosedError(
             f"{target.label}.{spec.name}: the component was closed (or its session shut down); "
@@ -232,6 +237,8 @@ def invoke(
 
     caller.post(send)
     logger.debug("%s.%s call %d sent to %d rank(s)", target.label, spec.name, call_id, n)
+    if on_loop(caller.loop):
+        return result  # an async driver, on the loop that delivers the replies: `await` gives the value
     if not lazy:
         return result.result()
     if spec.sync:

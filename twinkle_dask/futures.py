@@ -17,6 +17,7 @@ import dask.threaded
 from distributed import Future
 
 from . import progress
+from ._aio import check_not_on_loop, on_loop
 from ._checks import check_timeout
 from ._config import seconds
 from ._wire.caller import Caller
@@ -206,6 +207,11 @@ class LazyResult(Future[Any]):
     (:meth:`futures`) and one Dask task, placed by the scheduler, collects
     them; the values move worker to worker, never through the driver. None
     of that happens unless the result is handed to Dask.
+
+    In an async driver (an asynchronous client, on its loop) ``await r`` is
+    the way to the value: waiting there (``r()``, ``r.result()``,
+    ``r.per_rank()``) raises :class:`~twinkle_dask.exceptions.BlockingCallError`
+    until the value was awaited.
 
     Not constructed by users: remote method calls return it.
     """
@@ -404,35 +410,40 @@ class LazyResult(Future[Any]):
             self._observed = True
             raise self._error
 
+    def _unfetched(self, slots: list[int]) -> list[int]:
+        """The slots among ``slots`` whose value stayed on the worker."""
+        return [slot for slot in slots if not self._outcomes[slot].has_value]  # type: ignore[union-attr]
+
+    def _fetch_message(self) -> Fetch:
+        return Fetch(self._info.cid, self._info.call_id)
+
+    def _fetch_timeout(self, slot: int) -> CallTimeoutError:
+        return CallTimeoutError(self._info.label, self._info.method, self._info.timeout or 0.0,
+                                [self._info.ranks[slot]])
+
+    def _fetch_lost(self, slot: int, exc: WorkerLostError) -> WorkerLostError:
+        return WorkerLostError(exc.address, group=self._info.group, rank=self._info.ranks[slot],
+                               component=f"{self._info.label}.{self._info.method}", reason=exc.reason)
+
+    def _store_fetched(self, slot: int, reply: Reply) -> None:
+        if not reply.ok:
+            raise decode_error(reply.error, self._info.where(slot), _call_site_note(self._info.site))
+        outcome = self._outcomes[slot]
+        assert outcome is not None
+        outcome.packed, outcome.has_value = reply.value, True
+
     def _fetch(self, slots: list[int], deadline: float | None) -> None:
-        futures = {}
-        for slot in slots:
-            outcome = self._outcomes[slot]
-            assert outcome is not None
-            if not outcome.has_value:
-                msg = Fetch(self._info.cid, self._info.call_id)
-                futures[slot] = self._caller.request_threadsafe(self._info.addresses[slot], msg)
+        futures = {slot: self._caller.request_threadsafe(self._info.addresses[slot], self._fetch_message())
+                   for slot in self._unfetched(slots)}
         for slot, fut in futures.items():
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 reply = fut.result(remaining)
             except concurrent.futures.TimeoutError:
-                raise CallTimeoutError(
-                    self._info.label, self._info.method, self._info.timeout or 0.0, [self._info.ranks[slot]]
-                ) from None
+                raise self._fetch_timeout(slot) from None
             except WorkerLostError as exc:
-                raise WorkerLostError(
-                    exc.address,
-                    group=self._info.group,
-                    rank=self._info.ranks[slot],
-                    component=f"{self._info.label}.{self._info.method}",
-                    reason=exc.reason,
-                ) from None
-            if not reply.ok:
-                raise decode_error(reply.error, self._info.where(slot), _call_site_note(self._info.site))
-            outcome = self._outcomes[slot]
-            assert outcome is not None
-            outcome.packed, outcome.has_value = reply.value, True
+                raise self._fetch_lost(slot, exc) from None
+            self._store_fetched(slot, reply)
 
     def _values(self, slots: list[int], timeout: float | None) -> list[Any]:
         timeout = self._info.timeout if timeout is None else timeout
@@ -440,6 +451,9 @@ class LazyResult(Future[Any]):
         self._wait(timeout)
         self._raise_if_failed()
         self._fetch(slots, deadline)
+        return self._unpacked(slots)
+
+    def _unpacked(self, slots: list[int]) -> list[Any]:
         values = []
         for slot in slots:
             outcome = self._outcomes[slot]
@@ -476,30 +490,50 @@ class LazyResult(Future[Any]):
             If a rank's worker died.
         SerializationError
             If a rank's result cannot be unpickled here.
+        BlockingCallError
+            If called on an async driver's event loop before the value was
+            awaited (``await r`` there instead).
         """
         check_timeout(f"{self._info.label}.{self._info.method} result", timeout, allow_zero=True)
-        with self._lock:
-            if self._value_set:
-                return self._value
-            n = len(self._info.ranks)
-            needed = self._info.collector.needed(n, self._info.mesh)
-            fetched = dict(zip(needed, self._values(needed, timeout)))
-            results = [fetched.get(i, MISSING) for i in range(n)]
-            self._observed = True
-            try:
-                value = collect(self._info.collector, results, self._info.mesh)
-            except Exception as exc:
-                add_note(exc, f"while collecting {self._info.label}.{self._info.method} with "
-                         f"collect={self._info.collector.name!r}")
-                raise
-            self._value, self._value_set = value, True
-            return value
+        if not self._value_set:
+            check_not_on_loop(self._caller.loop, f"{self._info.label}.{self._info.method}(...).result()",
+                              f"await {self._info.label}.{self._info.method}(...)")
+        return self._value_locked(timeout)
 
     __call__ = result
 
+    def _value_locked(self, timeout: float | None) -> Any:
+        with self._lock:
+            if self._value_set:
+                return self._value
+            needed = self._info.collector.needed(len(self._info.ranks), self._info.mesh)
+            return self._collect_fetched(dict(zip(needed, self._values(needed, timeout))))
+
+    def _collect_fetched(self, fetched: dict[int, Any]) -> Any:
+        """Collect the fetched values (by slot) and cache the value; the caller holds the lock."""
+        results = [fetched.get(i, MISSING) for i in range(len(self._info.ranks))]
+        self._observed = True
+        try:
+            value = collect(self._info.collector, results, self._info.mesh)
+        except Exception as exc:
+            add_note(exc, f"while collecting {self._info.label}.{self._info.method} with "
+                     f"collect={self._info.collector.name!r}")
+            raise
+        self._value, self._value_set = value, True
+        return value
+
     def per_rank(self, timeout: float | None = None) -> list[Any]:
-        """The uncollected per-rank results, in rank order."""
+        """The uncollected per-rank results, in rank order.
+
+        Raises
+        ------
+        BlockingCallError
+            If called on an async driver's event loop (call it from a thread
+            there: ``await asyncio.to_thread(r.per_rank)``).
+        """
         check_timeout(f"{self._info.label}.{self._info.method} per_rank", timeout, allow_zero=True)
+        check_not_on_loop(self._caller.loop, f"{self._info.label}.{self._info.method}(...).per_rank()",
+                          "await asyncio.to_thread(result.per_rank)")
         values = self._values(list(range(len(self._info.ranks))), timeout)
         self._observed = True
         return values
@@ -508,9 +542,52 @@ class LazyResult(Future[Any]):
         return self._await().__await__()
 
     async def _await(self) -> Any:
-        if not self._value_set:
-            await asyncio.wrap_future(self._done)
+        if self._value_set:
+            return self._value
+        if on_loop(self._caller.loop):
+            return await self._await_on_loop()
+        await asyncio.wrap_future(self._done)
         return await asyncio.get_running_loop().run_in_executor(None, self.result)
+
+    async def _settled(self) -> None:
+        """``_wait(None)`` without blocking the running loop: until the call settled or its timeout passed."""
+        if self._done.done():
+            return
+        timeout = self._info.timeout
+        try:  # shielded: a timeout must not cancel the call's own future
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._done)), timeout)
+        except TimeoutError:
+            if not any(o is not None and not o.ok for o in self._outcomes):
+                pending = [self._info.ranks[i] for i, o in enumerate(self._outcomes) if o is None]
+                raise CallTimeoutError(self._info.label, self._info.method, timeout or 0.0, pending) from None
+
+    async def _await_on_loop(self) -> Any:
+        """``result()`` for an async driver: on the loop that delivers the replies, never blocking it."""
+        timeout = self._info.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        await self._settled()
+        self._raise_if_failed()
+        needed = self._info.collector.needed(len(self._info.ranks), self._info.mesh)
+        requests = {slot: self._caller.request(self._info.addresses[slot], self._fetch_message())
+                    for slot in self._unfetched(needed)}
+        for slot, request in requests.items():
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                reply = await asyncio.wait_for(asyncio.shield(request), remaining)
+            except TimeoutError:
+                raise self._fetch_timeout(slot) from None
+            except WorkerLostError as exc:
+                raise self._fetch_lost(slot, exc) from None
+            self._store_fetched(slot, reply)
+        # A thread in result() holds the lock while it waits for this loop: never block on it here.
+        while not self._lock.acquire(blocking=False):
+            await asyncio.sleep(0.001)
+        try:
+            if self._value_set:
+                return self._value
+            return self._collect_fetched(dict(zip(needed, self._unpacked(needed))))
+        finally:
+            self._lock.release()
 
     # Twinkle's lazy results can be iterated and measured after collecting.
     def __iter__(self) -> Any:
@@ -542,7 +619,7 @@ class LazyResult(Future[Any]):
         if not all(outcomes[i].has_value for i in needed):  # type: ignore[union-attr]
             return False, None
         try:
-            return True, self.result()
+            return True, self._value_locked(None)
         except Exception:
             return False, None
 

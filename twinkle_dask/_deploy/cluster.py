@@ -615,6 +615,18 @@ def start_in_process_cluster(
         cluster.close(timeout=10)
         raise
     return ClusterConnection(client, cluster, placements, owns_client=True)
+async def use_async_client(connection: ClusterConnection) -> None:
+    """Give an async driver an asynchronous client on its running loop in place of the connection's own.
+
+    The connection's synchronous client (made for a local cluster or an
+    ``address``) is closed; the new one is owned by the session and closed
+    at shutdown.
+    """
+    old = connection.client
+    new = await Client(old.scheduler.address, asynchronous=True, security=old.security,  # type: ignore[union-attr]
+                       direct_to_workers=True, set_as_default=False)
+    connection.client, connection.owns_client = new, True
+    await asyncio.to_thread(old.close, 5)
 
 
 async def _stop_workers(cluster: SpecCluster, grace: float, zygote: Zygote | None) -> None:
