@@ -1,0 +1,44 @@
+"""Components that use Dask from inside their methods (importable by the workers through PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+
+from twinkle_dask import remote_class, remote_function
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def call_in_task(handle, values):
+    """A plain Dask task that calls a component through a handle it was given."""
+    from distributed import get_worker
+
+    sums = handle.add(values)
+    return {"task_worker": get_worker().address, "sums": sums, "type": type(sums).__name__}
+
+
+@remote_class()
+class DaskUser:
+    """Reports its worker, and submits Dask tasks from its methods."""
+
+    def __init__(self, offset: int = 0):
+        self.offset = offset
+
+    @remote_function(dispatch="all")
+    def where(self):
+        from distributed import get_worker
+
+        return {"worker": get_worker().address, "pid": os.getpid()}
+
+    @remote_function(dispatch="all")
+    def square_on_dask(self, x: int):
+        from distributed import get_client
+
+        client = get_client()
+        return client.submit(_square, x + self.offset, pure=False).result()
+
+    @remote_function(dispatch="all", collect="flatten")
+    def add(self, values):
+        return [v + self.offset for v in values]
