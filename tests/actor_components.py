@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import random
 
 from twinkle_dask import remote_class, remote_function
 
 
 def _square(x: int) -> int:
     return x * x
+
+
+def many_keys(n: int) -> dict[str, int]:
+    """A result Dask sizes by sampling (a dict of more than ten keys)."""
+    return {f"k{i}": i for i in range(n)}
 
 
 def call_in_task(handle, values):
@@ -38,6 +44,10 @@ class DaskUser:
 
         client = get_client()
         return client.submit(_square, x + self.offset, pure=False).result()
+
+    @remote_function(dispatch="all")
+    def draw(self, n: int):
+        return [random.random() for _ in range(n)]
 
     @remote_function(dispatch="all", collect="flatten")
     def add(self, values):

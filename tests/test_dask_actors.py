@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import random
 import subprocess
 import sys
 import time
 
 import pytest
-from actor_components import DaskUser, call_in_task
+from actor_components import DaskUser, call_in_task, many_keys
 
 import twinkle_dask as twinkle
 from twinkle_dask import DeviceGroup
@@ -173,20 +174,42 @@ def test_a_handle_passed_into_a_dask_task_calls_its_component():
             assert got == {"task_worker": where, "sums": [11, 12, 11, 12], "type": "list"}
 
 
-def test_process_workers_get_client_and_handles_in_tasks():
+@pytest.fixture(scope="module")
+def processes():
+    """The project's local cluster: workers are processes of their own, comms are tcp."""
     with local_session(g=2, other=1) as client:
-        user = DaskUser(4, remote_group="g")
-        addresses = list(_state(user).addresses)
-        assert [w["worker"] for w in user.where()()] == addresses
-        assert len({w["pid"] for w in user.where()()} | {os.getpid()}) == 3
-        assert user.square_on_dask(2)() == [36, 36]
-        (other,) = twinkle.runtime.process_session().placement("other").addresses
-        got = client.submit(call_in_task, user, [7], workers=[other], pure=False).result(timeout=60)
-        assert got == {"task_worker": other, "sums": [11, 11], "type": "list"}
-        keys = {f.key for f in twinkle.component_actors(user)}
-        assert who_has(client, twinkle.component_actors(user)) == {
-            f"DaskUser-{_state(user).cid}-{r}": [a] for r, a in enumerate(addresses)}
-    assert keys and twinkle.component_actors(user) == []
+        yield client
+
+
+def test_process_workers_get_client_and_handles_in_tasks(processes):
+    client = processes
+    user = DaskUser(4, remote_group="g")
+    addresses = list(_state(user).addresses)
+    assert [w["worker"] for w in user.where()()] == addresses
+    assert len({w["pid"] for w in user.where()()} | {os.getpid()}) == 3
+    assert user.square_on_dask(2)() == [36, 36]
+    (other,) = twinkle.runtime.process_session().placement("other").addresses
+    got = client.submit(call_in_task, user, [7], workers=[other], pure=False).result(timeout=60)
+    assert got == {"task_worker": other, "sums": [11, 11], "type": "list"}
+    futures = twinkle.component_actors(user)
+    assert who_has(client, futures) == {f"DaskUser-{_state(user).cid}-{r}": [a] for r, a in enumerate(addresses)}
+    keys = {f.key for f in futures}
+    del futures
+    twinkle.close_component(user)
+    wait_for(lambda: not scheduler_tasks(client) & keys, what="the scheduler to forget the actors")
+
+
+def test_dask_traffic_on_a_worker_leaves_the_ranks_random_streams_alone(processes):
+    # Every rank draws what a process of its own seeded with the session's seed (42) would draw,
+    # although its actor was created and Dask tasks ran and reported back on its worker meanwhile.
+    client = processes
+    user = DaskUser(0, remote_group="g")
+    for address in _state(user).addresses:
+        client.submit(many_keys, 50, workers=[address], pure=False).result(timeout=60)
+    expected = random.Random(42)
+    first = [expected.random() for _ in range(3)]
+    assert user.draw(3)() == [first, first]
+    twinkle.close_component(user)
 
 
 DRIVER = """

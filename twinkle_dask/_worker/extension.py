@@ -19,6 +19,7 @@ import functools
 import inspect
 import logging
 import os
+import random
 import socket
 import sys
 import threading
@@ -85,6 +86,28 @@ def _register_torch_sizeof() -> None:
     @sizeof.register(torch.Tensor)  # type: ignore[untyped-decorator]
     def _sizeof_tensor(t: Any) -> int:
         return int(t.element_size() * t.nelement())
+
+
+#: The random generator Dask's own sampling uses in processes that run components.
+_DASK_RNG = random.Random()
+
+
+def _isolate_dask_sampling() -> None:
+    """Give Dask's sampling a generator of its own, so that it never advances a component rank's streams.
+
+    ``dask.sizeof`` samples large lists and dicts with the global ``random``
+    module, and Dask's comms size every message they write with it; the
+    compression of large frames samples with ``random.randint``. Between and
+    during a rank's jobs the global generator *is* that rank's stream (see
+    :class:`~twinkle_dask._worker.execution.Streams`), so each Dask message the
+    worker sent (a task finishing, a heartbeat) would shift the numbers the
+    rank draws next.
+    """
+    import dask.sizeof
+    import distributed.protocol.compression
+
+    setattr(dask.sizeof, "random", _DASK_RNG)  # noqa: B010  (the module's global name, read at each call)
+    setattr(distributed.protocol.compression, "randint", _DASK_RNG.randint)  # noqa: B010
 
 
 class WorkerContext:
@@ -560,6 +583,7 @@ class TwinkleWorker:
         self.task_context = TaskContext(self)
         runtime.set_task_context(_task_context)
         reporting.route_process_streams()
+        _isolate_dask_sampling()
         self.recorder = CallRecorder(worker, self.loop)
         #: What answers each request, by its type (like ``distributed.Worker.handlers``).
         self.handlers: dict[type, Callable[[int, Any, ServerEnd], None]] = {
