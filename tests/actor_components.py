@@ -52,3 +52,22 @@ class DaskUser:
     @remote_function(dispatch="all", collect="flatten")
     def add(self, values):
         return [v + self.offset for v in values]
+
+
+@remote_class()
+class Nester:
+    """Builds a component from inside its own methods, and closes it again."""
+
+    @remote_function(dispatch="all", collect="first")
+    def build(self, group: str):
+        import twinkle_dask as twinkle
+
+        self.child = DaskUser(1, remote_group=group)
+        return {"keys": [f.key for f in twinkle.component_actors(self.child)], "sums": self.child.add([1])}
+
+    @remote_function(dispatch="all", collect="first")
+    def close_child(self):
+        import twinkle_dask as twinkle
+
+        twinkle.close_component(self.child)
+        return twinkle.component_actors(self.child)

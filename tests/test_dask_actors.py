@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from actor_components import DaskUser, call_in_task, many_keys
+from actor_components import DaskUser, Nester, call_in_task, many_keys
 
 import twinkle_dask as twinkle
 from twinkle_dask import DeviceGroup
@@ -88,6 +88,10 @@ def test_every_rank_is_an_actor_on_its_worker_until_closed():
         assert [k for k in has_what[ref.addresses[1]] if k in keys] == [keys[1]]
         idle = next(a for a in has_what if a not in ref.addresses)
         assert scheduler_actors(client) == {ref.addresses[0]: [keys[0]], ref.addresses[1]: [keys[1]], idle: []}
+        states = client.run_on_scheduler(
+            lambda dask_scheduler: {k: (dask_scheduler.tasks[k].state, dask_scheduler.tasks[k].actor,
+                                        dask_scheduler.tasks[k].type) for k in keys})
+        assert states == {k: ("memory", True, "twinkle_dask.actors.ComponentActor") for k in keys}
         assert [f.result().describe().result() for f in futures] == [
             {"component": "DaskUser", "cid": ref.cid, "rank": r, "group": "g", "address": ref.addresses[r],
              "open": True} for r in range(2)
@@ -155,6 +159,28 @@ def test_restart_and_shutdown_release_the_actor_keys():
         twinkle.shutdown()  # the client is the test's: it stays, the keys go
         wait_for(lambda: not scheduler_tasks(client) & new, what="shutdown to release the actors")
         wait_for(lambda: all(v == [] for v in worker_actors(client).values()), what="the workers to drop them")
+
+
+def test_a_component_built_by_component_code_is_an_actor_too():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, processes=False, threads_per_worker=1, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        twinkle.initialize("dask", client=client, groups=[DeviceGroup(name="outer", ranks=1, device_type="cpu"),
+                                                          DeviceGroup(name="inner", ranks=1, device_type="cpu")])
+        try:
+            nester = Nester(remote_group="outer")
+            built = nester.build("inner")()
+            assert built["sums"] == [2]
+            (key,) = built["keys"]
+            (inner,) = twinkle.runtime.process_session().placement("inner").addresses
+            assert key.startswith("DaskUser-inner-DaskUser-")
+            assert scheduler_actors(client)[inner] == [key]
+            assert nester.close_child()() == []
+            wait_for(lambda: key not in scheduler_tasks(client), what="the inner component's actor to go")
+            assert scheduler_actors(client)[inner] == []
+        finally:
+            twinkle.shutdown()
 
 
 def test_get_client_and_get_worker_inside_component_methods():
