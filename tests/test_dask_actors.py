@@ -198,6 +198,9 @@ def test_a_handle_passed_into_a_dask_task_calls_its_component():
         for where in (idle, addresses[0]):  # another worker, and the worker of rank 0 itself
             got = client.submit(call_in_task, user, [1, 2], workers=[where], pure=False).result(timeout=60)
             assert got == {"task_worker": where, "sums": [11, 12, 11, 12], "type": "list"}
+        twinkle.close_component(user)
+        with pytest.raises(twinkle.ComponentClosedError, match="it was closed"):
+            client.submit(call_in_task, user, [1], workers=[idle], pure=False).result(timeout=60)
 
 
 @pytest.fixture(scope="module")
