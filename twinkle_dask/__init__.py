@@ -32,7 +32,7 @@ from .exceptions import (
     WorkerRestartError,
 )
 from .futures import LazyResult
-from .group import close_component, restart_component
+from .group import close_component, component_actors, restart_component
 from .identity import get_local_rank, get_rank, get_world_size, is_master
 from .mesh import DeviceGroup, DeviceMesh
 from .placement import dispatch_picture, get_device_placement
@@ -63,6 +63,7 @@ __all__ = [
     "WorkerLostError",
     "WorkerRestartError",
     "close_component",
+    "component_actors",
     "dispatch_picture",
     "get_device_placement",
     "get_local_rank",

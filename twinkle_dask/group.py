@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import progress, runtime
+from . import actors, progress, runtime
 from ._aio import Pending, check_not_on_loop, offload, on_loop
 from ._checks import check_timeout
 from ._config import seconds
@@ -47,6 +47,7 @@ __all__ = [
     "ComponentRef",
     "RemoteMethod",
     "close_component",
+    "component_actors",
     "create_component",
     "restart_component",
 ]
@@ -178,6 +179,8 @@ def _build(session: Any, plan: BuildPlan, site: str | None) -> ComponentRef:
         raise WorkerLostError(exc.address, group=group, rank=0, component=f"{label}.__init__",
                               reason=exc.reason) from None
     master_addr, master_port = hosts[0], port_reply.port
+    # The scheduler learns of the ranks as actors on their workers while they are built.
+    registered = actors.register(session, cid, label, addresses)
     futures = []
     for rank, address in enumerate(addresses):
         if place.is_gpu:
@@ -194,6 +197,7 @@ def _build(session: Any, plan: BuildPlan, site: str | None) -> ComponentRef:
                        getattr(session, "session_id", ""))
     pending = [rank for rank, fut in enumerate(futures) if not fut.done()]
     if errors or pending:
+        actors.release(cid)
         _teardown(session, ref, futures, errors)
         if errors:
             raise errors[min(errors)]
@@ -202,6 +206,7 @@ def _build(session: Any, plan: BuildPlan, site: str | None) -> ComponentRef:
                         f"{label} was not built: every rank was closed again (ranks still in __init__ had "
                         f"their worker restarted); pass a larger timeout= to the constructor if "
                         f"__init__ needs longer")
+    actors.settle(registered, answer if deadline is None else max(0.0, min(answer, deadline - time.monotonic())))
     logger.info("built %s on group %r ranks %s", label, group, list(plan.indices))
     return ref
 
@@ -383,6 +388,7 @@ def restart_component(handle: Any, timeout: float = 120.0) -> Any:
 def _restart(handle: Any, session: Any, ref: ComponentRef, timeout: float) -> None:
     plan = session.plan_of(ref)
     stuck = _close_or_find_stuck(session, ref)
+    actors.release(ref.cid)
     if stuck:
         # A call (or __init__) of the component is still running and cannot be stopped from outside
         # its process: restart those workers. Every component on them is lost with it.
@@ -440,10 +446,28 @@ def close_component(handle_or_ref: Any, timeout: float = 10.0) -> Any:
 
 def _close(session: Any, ref: ComponentRef, timeout: float) -> None:
     futures = _send_close(session.caller, ref)
+    actors.release(ref.cid)
     concurrent.futures.wait(futures, timeout=timeout)
     untrack = getattr(session, "untrack", None)
     if untrack is not None:
         untrack(ref)
+
+
+def component_actors(handle: Any) -> list[Any]:
+    """The Dask actor futures that stand for a component's ranks on their workers, in rank order.
+
+    The scheduler knows every rank as an actor on its worker (so
+    ``retire_workers`` and ``cluster.adapt()`` leave those workers alone);
+    these are their futures: ``client.who_has(futures)`` says where the ranks
+    are, and ``future.result().describe()`` asks the rank's actor about it.
+    Empty for a component this process did not build, or one that was closed.
+
+    Examples
+    --------
+    >>> [f.key for f in twinkle.component_actors(model)]  # doctest: +SKIP
+    ['Model-model-Model-3f2a9c1b7d-0', 'Model-model-Model-3f2a9c1b7d-1']
+    """
+    return actors.actor_futures(_state(handle).cid)
 
 
 # --------------------------------------------------------------------------- handle

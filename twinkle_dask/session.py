@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import psutil
 
+from . import actors, runtime
 from . import identity as _identity
-from . import runtime
 from ._aio import Pending, offload, on_loop, running_loop
 from ._checks import check_bool, check_count, check_int, check_str, check_timeout
 from ._config import seconds
@@ -384,6 +384,7 @@ class DaskSession:
         ]
         concurrent.futures.wait(futures, timeout=min(timeout, 10.0))
         self._components.clear()
+        actors.release_all()
         try:
             if self._previous_handler is not None:
                 self.client.subscribe_topic("all", self._previous_handler)

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import inspect
 import logging
 import os
+import random
 import socket
 import sys
 import threading
@@ -29,6 +31,7 @@ from typing import Any
 from dask.sizeof import sizeof
 from distributed.comm.core import Comm
 from distributed.core import Status
+from distributed.worker import _worker_cvar  # what get_worker() reads: set on the executor thread too
 
 from .. import identity as _identity
 from .. import reporting, runtime
@@ -88,6 +91,28 @@ def _register_torch_sizeof() -> None:
         return int(t.element_size() * t.nelement())
 
 
+#: The random generator Dask's own sampling uses in processes that run components.
+_DASK_RNG = random.Random()
+
+
+def _isolate_dask_sampling() -> None:
+    """Give Dask's sampling a generator of its own, so that it never advances a component rank's streams.
+
+    ``dask.sizeof`` samples large lists and dicts with the global ``random``
+    module, and Dask's comms size every message they write with it; the
+    compression of large frames samples with ``random.randint``. Between and
+    during a rank's jobs the global generator *is* that rank's stream (see
+    :class:`~twinkle_dask._worker.execution.Streams`), so each Dask message the
+    worker sent (a task finishing, a heartbeat) would shift the numbers the
+    rank draws next.
+    """
+    import dask.sizeof
+    import distributed.protocol.compression
+
+    setattr(dask.sizeof, "random", _DASK_RNG)  # noqa: B010  (the module's global name, read at each call)
+    setattr(distributed.protocol.compression, "randint", _DASK_RNG.randint)  # noqa: B010
+
+
 class WorkerContext:
     """The session as component code on a worker sees it (calls collect eagerly)."""
 
@@ -137,6 +162,42 @@ class WorkerContext:
 
     def track(self, ref: Any, plan: Any = None) -> None:
         self._ext.children.append(ref)
+
+
+class TaskContext(WorkerContext):
+    """The session as a Dask task (or actor) on a worker sees it: a handle passed into the task calls its component.
+
+    Calls go through the worker's caller and collect eagerly, as calls made by
+    component code do; they are not nested (the task is not component code).
+    """
+
+    def __init__(self, ext: TwinkleWorker) -> None:
+        super().__init__(ext, "")
+
+    @property
+    def info(self) -> dict[str, Any]:
+        # The session's groups and seed, as the components on this worker were given them.
+        for host in reversed(list(self._ext.hosts.values())):
+            return host.context.info
+        return self._info
+
+    @info.setter
+    def info(self, value: dict[str, Any]) -> None:
+        self._info = value
+
+
+def _set_worker(worker: Any) -> None:
+    """Make ``worker`` what ``distributed.get_worker()`` returns on the calling thread (the executor's)."""
+    _worker_cvar.set(worker)
+
+
+def _task_context() -> TaskContext | None:
+    """The context of the calling thread if it is a Dask task thread of a worker running twinkle."""
+    worker = _worker_cvar.get(None)
+    if worker is None:
+        return None
+    ext = worker.extensions.get(TwinkleWorker.name)
+    return ext.task_context if isinstance(ext, TwinkleWorker) else None
 
 
 class Job:
@@ -520,7 +581,13 @@ class TwinkleWorker:
         self.caller = Caller(self.loop, worker.connection_args, in_worker=True, on_notice=self._on_notice)
         self.caller.block = self.executor.wait
         self.caller.nested = self.executor.on_thread
+        # Component code sees its worker as Dask task code does: get_worker(), get_client().
+        self.executor.call_soon(functools.partial(_set_worker, worker))
+        #: What a Dask task thread on this worker uses to call components (a handle passed into a task).
+        self.task_context = TaskContext(self)
+        runtime.set_task_context(_task_context)
         reporting.route_process_streams()
+        _isolate_dask_sampling()
         self.recorder = CallRecorder(worker, self.loop)
         #: What answers each request, by its type (like ``distributed.Worker.handlers``).
         self.handlers: dict[type, Callable[[int, Any, ServerEnd], None]] = {
