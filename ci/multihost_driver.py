@@ -41,7 +41,9 @@ sys.path.insert(0, HERE)
 MIB = 1 << 20
 HAND_OFF = 64 * MIB  # two producer shards of 32 MiB, one per consumer rank
 LINK_RATE = 1e9  # bit/s of the rate-limited links
-BAND = (0.95, 1.6)  # the 64 MiB hand-off at 1 Gbit/s takes 0.95-1.6 x its line time
+# the 64 MiB hand-off at 1 Gbit/s takes at least 0.95 x its line time (the link's speed bounds it) and at
+# most 1.6 x it plus the time it takes without the limit (the CPU's share, large on a busy machine)
+BAND = (0.95, 1.6)
 IP = "ip"
 TC = "tc"
 
@@ -382,16 +384,18 @@ def main_run(hosts: Hosts) -> None:
             hosts.limit(None)
         line = HAND_OFF * 8 / LINK_RATE * 1000
         ratio = slow["handoff"] / line
+        low, high = BAND[0] * line, BAND[1] * line + multi["handoff"]
         log(f"at 1 Gbit/s: 2-rank call {slow['call']:.2f} ms, 64 MiB hand-off {slow['handoff']:.1f} ms "
-            f"= {ratio:.2f} x its line time {line:.0f} ms (band {BAND[0]}-{BAND[1]})")
-        assert BAND[0] <= ratio <= BAND[1], f"{slow['handoff']:.0f} ms is {ratio:.2f} x the line time"
+            f"= {ratio:.2f} x its line time {line:.0f} ms (band {low:.0f}-{high:.0f} ms: {BAND[0]} x the line "
+            f"time to {BAND[1]} x it plus the unlimited hand-off's {multi['handoff']:.0f} ms)")
+        assert low <= slow["handoff"] <= high, f"{slow['handoff']:.0f} ms is outside {low:.0f}-{high:.0f} ms"
         faults(hosts, report)
     print()
     print("| workload | one host | 3 simulated hosts | 3 hosts, 1 Gbit/s links |")
     print("|---|---|---|---|")
-    print(f"| 2-rank call (driver on h0, ranks on h1 and h2) | {one['call']:.2f} ms | {multi['call']:.2f} ms "
+    print(f"| 2-rank call, dispatch='all', collect='none' | {one['call']:.2f} ms | {multi['call']:.2f} ms "
           f"| {slow['call']:.2f} ms |")
-    print(f"| 64 MiB lazy hand-off, 2 x 32 MiB shards, h1 -> h2 | {one['handoff']:.1f} ms | "
+    print(f"| 64 MiB lazy hand-off, 2 x 32 MiB shards, one per consumer rank | {one['handoff']:.1f} ms | "
           f"{multi['handoff']:.1f} ms | {slow['handoff']:.1f} ms ({ratio:.2f} x line time) |")
     print()
     log(f"times: setup one host {report['setup_one']:.2f} s, three hosts {report['setup_multi']:.2f} s; "

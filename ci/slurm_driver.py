@@ -126,7 +126,7 @@ def main() -> None:
         victim_addr = model_addrs[2]
         victim = str(client.scheduler_info(n_workers=-1)["workers"][victim_addr]["name"])
         calls = worker_stats()[victim_addr]["calls"]
-        running = model.sleep(60)
+        running = model.sleep(10)  # the other ranks are free again before the replacement joins
         wait_until(lambda: worker_stats()[victim_addr]["calls"] > calls, 20, "the call to start")
         job = str(cluster.workers[victim].job_id)
         subprocess.run(["scancel", job], check=True)
