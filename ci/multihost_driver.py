@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -151,6 +152,11 @@ def cluster(hosts: Hosts, layout: dict[str, list[tuple[str, dict[str, str], list
         with Client(address, set_as_default=False) as probe:
             probe.wait_for_workers(n, timeout=90)
         yield address
+    except BaseException:
+        log(f"the processes' output is in {procs.logdir}")
+        raise
+    else:
+        shutil.rmtree(procs.logdir, ignore_errors=True)
     finally:
         import twinkle_dask as twinkle
 
