@@ -231,17 +231,20 @@ class DaskSession:
             unusable = [i for i, a in enumerate(addresses) if a is None or self._caller.is_lost(a)]
             if not unusable:
                 break
-            if self.connection.cluster is not None:
-                for i in unusable:
-                    a = addresses[i]
-                    reason = getattr(self._caller.lost_reason(a), "reason", "") if a is not None else ""
-                    if a is not None and a not in killed and reason.startswith("did not answer"):
-                        # Hung, yet still registered: the local cluster starts it again, as a nanny would.
-                        killed.add(a)
-                        try:
+            for i in unusable:
+                a = addresses[i]
+                reason = getattr(self._caller.lost_reason(a), "reason", "") if a is not None else ""
+                if a is not None and a not in killed and reason.startswith("did not answer"):
+                    # Hung or cut off, yet still registered: start it again under its name, as a nanny
+                    # does (the local cluster's launcher; an existing cluster's own nanny).
+                    killed.add(a)
+                    try:
+                        if self.connection.cluster is not None:
                             self._kill_local_worker(a)
-                        except WorkerRestartError as exc:
-                            logger.warning("twinkle_dask: %s", exc)
+                        else:
+                            self._restart_by_nanny(a, max(0.0, deadline - time.monotonic()))
+                    except WorkerRestartError as exc:
+                        logger.warning("twinkle_dask: %s", exc)
             if time.monotonic() >= deadline:
                 i = unusable[0]
                 a = addresses[i]
@@ -264,6 +267,16 @@ class DaskSession:
             self.connection.placements[group] = dataclasses.replace(old, addresses=new, hosts=hosts)
             logger.info("twinkle_dask: group %r now uses workers %s", group, list(new))
         return self.connection.placements[group]
+
+    def _restart_by_nanny(self, address: str, timeout: float) -> None:
+        """Ask an existing cluster's nanny to restart the worker at ``address`` (same name, new address)."""
+        try:
+            self.client.restart_workers([address], timeout=timeout, raise_for_error=True)
+        except ValueError as exc:  # Dask: "Restarting workers requires a nanny to be used"
+            raise WorkerRestartError([address], f"{exc}; start the cluster's workers with a nanny (`dask worker`, "
+                                     f"without --no-nanny) or restart it by hand") from None
+        except (TimeoutError, OSError) as exc:
+            raise WorkerRestartError([address], f"Dask's nanny did not restart it: {exc}") from None
 
     def restart_workers(self, addresses: Sequence[str], timeout: float | None = None) -> None:
         """Restart the worker processes at ``addresses`` and wait until their replacements joined.
