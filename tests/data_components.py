@@ -20,3 +20,35 @@ class Blocks:
     def summary(self, x):
         """What a later call on the same worker sees of ``x``: its length and distinct values."""
         return {"len": len(x), "values": sorted(set(np.unique(x).tolist()))}
+
+
+class Opaque:
+    """A value Dask counts as large (``__sizeof__``) that cannot be pickled: it can neither stay in a
+    full memory budget nor go to disk."""
+
+    def __init__(self, n_bytes: int, tag: int) -> None:
+        self.n_bytes = n_bytes
+        self.tag = tag
+
+    def __sizeof__(self) -> int:
+        return self.n_bytes
+
+    def __reduce__(self):
+        raise TypeError("Opaque values stay in their process")
+
+
+@remote_class()
+class Holder:
+    """Keeps values Dask cannot spill, and small ones."""
+
+    @remote_function(dispatch="all", collect="first")
+    def opaque(self, n_bytes: int, tag: int):
+        return Opaque(n_bytes, tag)
+
+    @remote_function(dispatch="all", collect="first")
+    def small(self, tag: int):
+        return {"tag": tag}
+
+    @remote_function(dispatch="all", collect="first")
+    def tag_of(self, x):
+        return x.tag if isinstance(x, Opaque) else x["tag"]

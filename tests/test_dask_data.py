@@ -9,11 +9,11 @@ import time
 import numpy as np
 import psutil
 import pytest
-from data_components import Blocks
+from data_components import Blocks, Holder
 
 from twinkle_dask._deploy import cluster as twinkle_cluster
 from twinkle_dask._worker.store import data_key
-from twinkle_dask.exceptions import ComponentClosedError
+from twinkle_dask.exceptions import ComponentClosedError, SerializationError
 from twinkle_dask.testing import local_session, worker_stats
 
 pytestmark = pytest.mark.timeout(240)
@@ -207,3 +207,39 @@ def test_register_of_a_released_or_unknown_result_says_so():
             client.run(_register, "nope", call_id, workers=[address])
         with pytest.raises(LookupError, match="holds no data under key 'twinkle-nope'"):
             client.run(_nbytes, "twinkle-nope", workers=[address])
+
+
+def test_a_value_dask_can_neither_hold_nor_spill_stays_with_its_rank(monkeypatch):
+    monkeypatch.setattr(twinkle_cluster, "_preload_modules", lambda: ["numpy"])
+    with local_session(model=1, memory_limit="200MiB") as client:
+        holder = Holder(remote_group="model")
+        ref = holder._twinkle_ref
+        (address,) = ref.addresses
+        # Larger than the spill target (60 % of 200 MiB), so Dask writes it straight to disk: pickling fails.
+        lazy = holder.opaque(150 * MiB, 5)
+        _until(lambda: worker_stats()[address]["held"] == 1, "the call")
+        key = data_key(ref.cid, 0, lazy._info.call_id)
+        state = _until(lambda: (s := client.run(_twinkle_data, workers=[address])[address])["nbytes"] == {} and s,
+                       "dropping the refused key")
+        assert state["memory"] == state["disk"] == []
+        assert holder.tag_of(lazy).result(timeout=60) == 5  # kept all the same, read by a later call
+        with pytest.raises(SerializationError, match="cannot be Dask data"):
+            client.run(_register, ref.cid, lazy._info.call_id, workers=[address])
+        assert key not in client.run(_twinkle_data, workers=[address])[address]["nbytes"]
+
+
+def test_a_small_result_stays_out_of_dask_until_it_is_registered():
+    with local_session(model=1) as client:
+        holder = Holder(remote_group="model")
+        ref = holder._twinkle_ref
+        (address,) = ref.addresses
+        lazy = holder.small(9)
+        assert lazy.result(timeout=60) == {"tag": 9}
+        assert worker_stats()[address]["held"] == 1
+        assert client.run(_twinkle_data, workers=[address])[address]["nbytes"] == {}  # travels with the reply
+        key = client.run(_register, ref.cid, lazy._info.call_id, workers=[address])[address]
+        assert key == data_key(ref.cid, 0, lazy._info.call_id)
+        state = client.run(_twinkle_data, workers=[address])[address]
+        assert state["memory"] == [key]
+        assert 0 < state["nbytes"][key] < 1024
+        assert holder.tag_of(lazy).result(timeout=60) == 9  # read back from the data store by a later call
