@@ -48,6 +48,20 @@ def _twinkle_data(dask_worker):
     }
 
 
+def _scheduler_view(address, keys, dask_scheduler):
+    """What the scheduler (and so the dashboard) knows of a worker's memory and of ``keys``."""
+    ws = dask_scheduler.workers[address]
+    memory = ws.memory
+    tasks = {k: dask_scheduler.tasks.get(k) for k in keys}
+    return {
+        "nbytes": ws.nbytes,
+        "managed": memory.managed,
+        "spilled": memory.spilled,
+        "keys": {k: (ts.state, sorted(w.address for w in ts.who_has or ()), ts.nbytes)
+                 for k, ts in tasks.items() if ts is not None},
+    }
+
+
 async def _watch_status(dask_worker):
     """Start recording the longest stretch the worker spends paused (kept on the worker)."""
     watch = {"paused": 0.0, "longest": 0.0, "since": None}
@@ -98,6 +112,12 @@ def test_kept_results_past_the_memory_limit_are_spilled_and_read_back_correct(mo
         assert all(100 * MiB <= state["nbytes"][k] < 101 * MiB for k in keys)
         assert 300 * MiB <= state["managed"] < 302 * MiB
 
+        # The dashboard's view: the worker's spilled memory (heartbeats) and its managed memory (the keys).
+        view = _until(lambda: (v := client.run_on_scheduler(_scheduler_view, address, keys))["spilled"] >= 100 * MiB
+                      and len(v["keys"]) == 3 and v, "the scheduler's view of the spilled results", 30)
+        assert {k: v[:2] for k, v in view["keys"].items()} == {k: ("memory", [address]) for k in keys}
+        assert view["nbytes"] == state["managed"]
+
         # Read back from disk: on the same worker (a later call) and through a fetch.
         assert blocks.summary(results[0]).result(timeout=60) == {"len": 100 * MiB // 8, "values": [0.0]}
         for k, result in enumerate(results):
@@ -139,8 +159,14 @@ def test_managed_memory_follows_a_kept_result_and_its_release():
         state = client.run(_twinkle_data, workers=[address])[address]
         assert state["memory"] == [key]
         assert state["nbytes"] == {key: managed() - before}
-        # The heartbeats carry it to the scheduler (the dashboard's "managed" memory).
+        # The heartbeats carry it to the scheduler; after REPORT_AFTER the scheduler knows the key itself (the
+        # dashboard's "managed" memory), as data of this worker.
         _until(lambda: heartbeat_managed() >= 64 * MiB, "the heartbeat reporting the managed memory", 30)
+        view = _until(lambda: (v := client.run_on_scheduler(_scheduler_view, address, [key]))["keys"] and v,
+                      "the scheduler learning of the kept result", 30)
+        size = managed() - before
+        assert view["keys"] == {key: ("memory", [address], size)}
+        assert view["nbytes"] == size
         assert worker_stats()[address]["held"] == 1
 
         value = lazy.result(timeout=60)
@@ -151,6 +177,9 @@ def test_managed_memory_follows_a_kept_result_and_its_release():
         assert client.run(_twinkle_data, workers=[address])[address]["nbytes"] == {}
         assert worker_stats()[address]["held"] == 0
         _until(lambda: heartbeat_managed() == before, "the heartbeat reporting the release", 30)
+        view = client.run_on_scheduler(_scheduler_view, address, [key])
+        assert view["keys"] == {}  # forgotten
+        assert view["nbytes"] == 0
 
 
 async def _register(cid, call_id, dask_worker):

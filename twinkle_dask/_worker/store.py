@@ -12,10 +12,15 @@ Dask spills it to disk past the memory target and reads it back when a fetch
 or a later call on this worker needs it. A release frees the key with the
 state machine's own ``FreeKeysEvent``.
 
-The scheduler is not told of a kept result (as with scatter, the insertion
-sends it nothing): registering one, for a ``distributed.Future`` of it, is
-:meth:`~twinkle_dask._worker.extension.TwinkleWorker.register`'s job, asked
-for one result at a time.
+The insertion sends the scheduler nothing (as with scatter). A result still
+held :data:`REPORT_AFTER` seconds later is made known to the scheduler, as
+data of this worker that no client wants (``Scheduler.update_data``, one
+message for all such keys): the scheduler's view of the worker (its managed
+memory on the dashboard, ``WorkerState.nbytes``) counts it from then on, and
+forgets it when the worker frees the key. Results handed on within that time
+(a hand-off) cost the scheduler nothing. Making a result the scheduler's to
+free, for a ``distributed.Future`` of it, is
+:meth:`~twinkle_dask._worker.extension.TwinkleWorker.register`'s job.
 
 Puts and frees made during one turn of the worker's event loop reach the state
 machine together, as one event each (results of short calls finish many to a
@@ -34,9 +39,12 @@ from typing import Any, Protocol
 from dask.typing import Key
 from distributed.worker_state_machine import FreeKeysEvent, UpdateDataEvent
 
-__all__ = ["DataStore", "data_key"]
+__all__ = ["REPORT_AFTER", "DataStore", "data_key"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds a kept result stays unknown to the scheduler (it is told about it 1 to 2 times this after it was kept).
+REPORT_AFTER = 0.5
 
 
 def data_key(cid: str, rank: int, call_id: int) -> str:
@@ -85,6 +93,13 @@ class DataStore:
         self._puts: dict[str, Stored] = {}
         self._frees: list[str] = []
         self._scheduled = False
+        #: Stored keys the scheduler does not know yet: kept since the last report, and before that.
+        self._young: set[str] = set()
+        self._old: set[str] = set()
+        #: Keys in the report on its way to the scheduler: freeing them waits for its answer.
+        self._reporting: set[str] = set()
+        self._free_after_report: list[str] = []
+        self._report_timer: asyncio.TimerHandle | None = None
 
     def put(self, outcome: Stored) -> None:
         """Store ``outcome.value`` under ``outcome.key`` (at the end of this turn of the loop)."""
@@ -93,9 +108,15 @@ class DataStore:
 
     def free(self, outcome: Stored) -> None:
         """Drop the value of ``outcome`` from the data store (or from memory, where it stayed)."""
-        if self._puts.pop(outcome.key, None) is None and outcome.stored:
-            self._frees.append(outcome.key)
-            self._schedule()
+        key = outcome.key
+        if self._puts.pop(key, None) is None and outcome.stored:
+            self._young.discard(key)
+            self._old.discard(key)
+            if key in self._reporting:  # the scheduler must learn of the key before it learns that it went
+                self._free_after_report.append(key)
+            else:
+                self._frees.append(key)
+                self._schedule()
         outcome.value = None
         outcome.stored = False
 
@@ -148,9 +169,40 @@ class DataStore:
             if ts is not None and ts.state == "memory":
                 outcome.value = None
                 outcome.stored = True
+                self._young.add(key)
             elif ts is not None:  # "error": too large for memory and not picklable for the disk
                 refused.append(key)
+        if self._young and self._report_timer is None:
+            self._report_timer = self.loop.call_later(REPORT_AFTER, self._report)
         if refused:
             logger.warning("twinkle: %d kept results could not be spilled (not picklable); they stay in memory",
                            len(refused))
             self.worker.handle_stimulus(FreeKeysEvent(keys=refused, stimulus_id=f"twinkle-refused-{time()}"))
+
+    def _report(self) -> None:
+        """Tell the scheduler of the keys kept for a whole period since the last report."""
+        self._report_timer = None
+        due, self._old, self._young = self._old, self._young, set()
+        if self._old:
+            self._report_timer = self.loop.call_later(REPORT_AFTER, self._report)
+        if not due:
+            return
+        tasks = self.worker.state.tasks
+        nbytes = {key: int(ts.nbytes) for key in due if (ts := tasks.get(key)) is not None and ts.nbytes is not None}
+        if nbytes:
+            self._reporting.update(nbytes)
+            self.loop.create_task(self._send_report(nbytes))
+
+    async def _send_report(self, nbytes: dict[str, int]) -> None:
+        address = self.worker.address
+        try:
+            await self.worker.scheduler.update_data(who_has={key: [address] for key in nbytes}, nbytes=nbytes)
+        except Exception as exc:  # the scheduler is gone or the worker closing: nothing to keep in step
+            logger.debug("twinkle: could not report %d kept results to the scheduler: %s", len(nbytes), exc)
+        finally:
+            self._reporting.difference_update(nbytes)
+            freed = [key for key in self._free_after_report if key in nbytes]
+            if freed:
+                self._free_after_report = [key for key in self._free_after_report if key not in nbytes]
+                self._frees.extend(freed)
+                self._schedule()
