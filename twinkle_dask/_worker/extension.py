@@ -265,10 +265,9 @@ class RankHost:
                 self.released_early.discard(k)
             elif not self.closed:
                 self.results[k] = outcome
-                if outcome.ok:
+                if outcome.ok and outcome.nbytes > DATA_BYTES:
                     outcome.key = data_key(self.cid, self.identity.rank, k)
-                    if outcome.nbytes > DATA_BYTES:
-                        self.ext.store.put(outcome)
+                    self.ext.store.put(outcome)
             for fut in self.waiters.pop(k, ()):
                 if not fut.done():
                     fut.set_result(outcome)
@@ -646,6 +645,7 @@ class TwinkleWorker:
             raise LookupError(f"the result of call {call_id} on {host.label} rank {host.identity.rank} was "
                               f"released before it could be registered")
         if not outcome.stored:
+            outcome.key = data_key(cid, host.identity.rank, call_id)
             self.store.put(outcome)  # a small result (or one still on its way there): Dask data from now on
         if not self.store.held(outcome):
             raise SerializationError(
