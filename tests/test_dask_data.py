@@ -272,3 +272,27 @@ def test_a_small_result_stays_out_of_dask_until_it_is_registered():
         assert state["memory"] == [key]
         assert 0 < state["nbytes"][key] < 1024
         assert holder.tag_of(lazy).result(timeout=60) == 9  # read back from the data store by a later call
+
+
+def _free_keys(keys, dask_worker):
+    """What the scheduler does once every future of ``keys`` is released."""
+    from distributed.worker_state_machine import FreeKeysEvent
+
+    dask_worker.handle_stimulus(FreeKeysEvent(keys=keys, stimulus_id=f"test-free-{time.time()}"))
+
+
+def test_a_registered_result_freed_by_dask_is_no_longer_held():
+    with local_session(model=1) as client:
+        blocks = Blocks(remote_group="model")
+        ref = blocks._twinkle_ref
+        (address,) = ref.addresses
+        lazy = blocks.make(MiB, 2)
+        call_id = lazy._info.call_id
+        key = client.run(_register, ref.cid, call_id, workers=[address])[address]
+        assert client.run(_register, ref.cid, call_id, workers=[address])[address] == key  # again: the same key
+        client.run(_free_keys, [key], workers=[address])
+        assert client.run(_twinkle_data, workers=[address])[address]["nbytes"] == {}
+        with pytest.raises(LookupError, match=f"no longer held: Dask released its key '{key}'"):
+            client.run(_register, ref.cid, call_id, workers=[address])
+        with pytest.raises(LookupError, match=f"result of call {call_id} on Blocks rank 0 is no longer held"):
+            blocks.summary(lazy).result(timeout=60)

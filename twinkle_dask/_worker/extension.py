@@ -644,7 +644,11 @@ class TwinkleWorker:
         if host.results.get(call_id) is not outcome:
             raise LookupError(f"the result of call {call_id} on {host.label} rank {host.identity.rank} was "
                               f"released before it could be registered")
-        if not outcome.stored:
+        if outcome.stored:
+            if outcome.key not in self.worker.data:  # registered before, and its futures all released since
+                raise LookupError(f"the result of call {call_id} on {host.label} rank {host.identity.rank} is no "
+                                  f"longer held: Dask released its key {outcome.key!r}")
+        else:
             outcome.key = data_key(cid, host.identity.rank, call_id)
             self.store.put(outcome)  # a small result (or one still on its way there): Dask data from now on
         if not self.store.held(outcome):
