@@ -7,7 +7,7 @@ travels with the reply) lives in the worker's Dask data store (``worker.data``, 
 the worker has a memory limit) under the key :func:`data_key` names, put there
 through the worker's state machine like data a client scattered
 (``UpdateDataEvent``): it counts as the worker's managed memory
-(``worker.state.nbytes``, the heartbeats' ``managed_bytes``, the dashboard),
+(``worker.state.nbytes``, the heartbeats' ``managed_bytes``),
 Dask spills it to disk past the memory target and reads it back when a fetch
 or a later call on this worker needs it. A release frees the key with the
 state machine's own ``FreeKeysEvent``.
