@@ -8,7 +8,9 @@ random streams, its kept results); the worker's one
 :class:`~twinkle_dask._worker.execution.Executor` runs the ``__init__`` and methods of
 all of them, one at a time, in the order the calls arrived, while the
 worker's event loop keeps answering fetches of earlier results and resolving
-the lazy inputs of later calls.
+the lazy inputs of later calls. Kept results are Dask data: they live in the
+worker's data store (see :mod:`twinkle_dask._worker.store`), counted as its
+managed memory and spilled to disk by Dask's memory manager.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from ..exceptions import ColocationError, ComponentClosedError, ConfigurationErr
 from ..lazy import Meta
 from .execution import Executor, Streams
 from .resolve import Resolver, extract
+from .store import DataStore, data_key
 
 __all__ = ["RankHost", "TwinkleWorker"]
 
@@ -75,6 +78,11 @@ ARRIVAL_TIMEOUT = 120.0
 
 #: How long a Dask future's key in a call's arguments may take to reach the scheduler.
 KEY_ARRIVAL_TIMEOUT = 30.0
+
+#: Kept results larger than this (``dask.sizeof``) are Dask data: managed memory, spilled under the memory
+#: limit. Smaller ones, which travel with the reply anyway, stay out of Dask's state machine, so that a
+#: call with a small result costs no more than before (registering one for a Dask future puts it there).
+DATA_BYTES = INLINE_BYTES
 
 #: Seconds between a release of results and the trim that gives their memory back (at most one per period).
 TRIM_DELAY = 0.5
@@ -224,9 +232,14 @@ class Job:
 
 
 class RankOutcome:
-    """A finished call on this rank: its value (kept for fetches) or its error."""
+    """A finished call on this rank: its value (kept for fetches) or its error.
 
-    __slots__ = ("error", "meta", "name", "ok", "packed", "stop", "value")
+    A kept value larger than :data:`DATA_BYTES` goes to the worker's data
+    store under ``key`` (``stored``); ``value`` holds it only until then, or
+    where the store refused it. Smaller ones stay in ``value``.
+    """
+
+    __slots__ = ("error", "key", "meta", "name", "nbytes", "ok", "packed", "stop", "stored", "value")
 
     def __init__(self, ok: bool, value: Any = None, meta: Meta | None = None, packed: Any = None,
                  error: ErrorInfo | None = None, stop: bool = False, name: str = "") -> None:
@@ -237,6 +250,10 @@ class RankOutcome:
         self.packed = packed
         self.error = error
         self.stop = stop
+        self.key = ""
+        self.stored = False
+        #: ``dask.sizeof`` of the value (0 where not measured).
+        self.nbytes = 0
 
 
 class RankHost:
@@ -257,6 +274,8 @@ class RankHost:
         self.waiters: dict[int, list[asyncio.Future[RankOutcome]]] = defaultdict(list)
         self.pending: set[int] = set()
         self.released_early: set[int] = set()
+        #: Kept results whose keys the scheduler knows (see TwinkleWorker.register): Dask frees those.
+        self.registered: set[int] = set()
         self.max_id = 0
         self.closed = False
         self._aloop: asyncio.AbstractEventLoop | None = None
@@ -310,6 +329,9 @@ class RankHost:
                 self.released_early.discard(k)
             elif not self.closed:
                 self.results[k] = outcome
+                if outcome.ok and outcome.nbytes > DATA_BYTES:
+                    outcome.key = data_key(self.cid, self.identity.rank, k)
+                    self.ext.store.put(outcome)
             for fut in self.waiters.pop(k, ()):
                 if not fut.done():
                     fut.set_result(outcome)
@@ -325,9 +347,26 @@ class RankHost:
         job.end.reply(job.rid, reply)
 
     def release(self, ids: tuple[int, ...]) -> None:
+        store = self.ext.store
         for k in ids:
-            if self.results.pop(k, None) is None and k in self.pending:
-                self.released_early.add(k)
+            outcome = self.results.pop(k, None)
+            if outcome is None:
+                if k in self.pending:
+                    self.released_early.add(k)
+            elif k in self.registered:
+                self.registered.discard(k)  # the scheduler frees its key once its futures are gone
+            else:
+                store.free(outcome)
+
+    def value(self, outcome: RankOutcome, k: int) -> Any:
+        """The value of kept call ``k`` (read back from disk if Dask spilled it)."""
+        try:
+            return self.ext.store.get(outcome)
+        except KeyError:
+            raise LookupError(
+                f"the result of call {k} on {self.label} rank {self.identity.rank} is no longer held: Dask "
+                f"released its key {outcome.key!r} once all its futures were released"
+            ) from None
 
     async def outcome(self, k: int) -> RankOutcome:
         """The outcome of kept call ``k``, waiting for it if it is still to come."""
@@ -349,7 +388,12 @@ class RankHost:
     def close(self) -> bool:
         """Close this rank; returns whether one of its jobs is running right now (it cannot be stopped)."""
         self.closed = True
+        store = self.ext.store
+        for k, outcome in self.results.items():
+            if k not in self.registered:
+                store.free(outcome)
         self.results.clear()
+        self.registered.clear()
         for futs in self.waiters.values():
             for fut in futs:
                 if not fut.done():
@@ -494,19 +538,22 @@ class RankHost:
                 value = getattr(self.instance, name)(*args, **kwargs)
                 if inspect.isawaitable(value):
                     value = self._run_async(value)
-            return self._ok(value, msg.inline, name)
+            return self._ok(value, msg.inline, name, job.keep)
         except BaseException as exc:
             return RankOutcome(False, error=encode_error(exc))
 
-    def _ok(self, value: Any, inline: int, name: str) -> RankOutcome:
+    def _ok(self, value: Any, inline: int, name: str, keep: bool) -> RankOutcome:
         packed = None
-        if inline == INLINE_ALL or (inline == INLINE_SMALL and _small(value)):
+        nbytes = _nbytes(value) if keep or inline == INLINE_SMALL else 0
+        if inline == INLINE_ALL or (inline == INLINE_SMALL and nbytes <= INLINE_BYTES):
             try:
                 packed = pack(value, result_name(self.label, name, self.identity.rank))
             except SerializationError:
                 if inline == INLINE_ALL:
                     raise
-        return RankOutcome(True, value, Meta.of(value), packed, name=name)
+        outcome = RankOutcome(True, value, Meta.of(value), packed, name=name)
+        outcome.nbytes = nbytes
+        return outcome
 
     def _run_async(self, awaitable: Any) -> Any:
         if self._aloop is None:
@@ -529,12 +576,12 @@ def result_name(label: str, method: str, rank: int) -> str:
     return f"the result of {label}.{method} on rank {rank}"
 
 
-def _small(value: Any) -> bool:
-    """Whether ``value`` is small enough to travel with the reply."""
+def _nbytes(value: Any) -> int:
+    """``dask.sizeof(value)``: what decides whether it travels with the reply and whether it is Dask data."""
     try:
-        return bool(sizeof(value) <= INLINE_BYTES)
+        return int(sizeof(value))
     except RecursionError:  # nested too deep to measure: pickling it will say so
-        return True
+        return 0
 
 
 def _malloc_trim() -> None:
@@ -575,6 +622,8 @@ class TwinkleWorker:
                       "dask_local": 0}
         #: Runs the component code of this worker, one job at a time (see twinkle_dask._worker.execution).
         self.executor = Executor(f"twinkle-executor-{worker.name}")
+        #: Where kept results live: the worker's Dask data store.
+        self.store = DataStore(worker, self.loop)
         self._trim_handle: asyncio.TimerHandle | None = None
         #: Which component rank initialized torch.distributed's default process group in this process.
         self.process_group_owner: str | None = None
@@ -677,7 +726,70 @@ class TwinkleWorker:
         outcome = await host.outcome(call_id)
         if not outcome.ok:
             raise decode_error(outcome.error, f"input produced by {host.label} on rank {index}")
-        return extract(outcome.value, path, rng)
+        return extract(host.value(outcome, call_id), path, rng)
+
+    async def register(self, cid: str, call_id: int) -> str:
+        """Hand the kept result of call ``call_id`` on this worker's rank of ``cid`` to Dask: its data key.
+
+        Waits for the call if it has not finished yet. The caller then tells the
+        scheduler that this worker holds the key (as ``Client.scatter`` does,
+        ``scheduler.update_data(who_has={key: [address]}, nbytes=...)``, the
+        size in :meth:`nbytes`) and makes ``distributed.Future`` s of it. From
+        then on the key is the scheduler's to free, once every future of it is
+        released; a twinkle release of the result drops only twinkle's record,
+        so whoever holds the LazyResult should hold one of those futures too.
+
+        Parameters
+        ----------
+        cid : str
+            The component's id (``ComponentRef.cid``).
+        call_id : int
+            The call whose result is kept.
+
+        Returns
+        -------
+        str
+            The key, :func:`~twinkle_dask._worker.store.data_key` ``(cid, rank, call_id)``.
+
+        Raises
+        ------
+        Exception
+            The call's own error, when it failed.
+        LookupError
+            The result was released (or never kept).
+        SerializationError
+            The value could not go into the data store (larger than the spill target and not picklable).
+        ComponentClosedError
+            The component is not on this worker.
+        """
+        host = self._host(cid)
+        outcome = await host.outcome(call_id)
+        if not outcome.ok:
+            raise decode_error(outcome.error, f"registering the result of {host.label} on rank {host.identity.rank}")
+        if host.results.get(call_id) is not outcome:
+            raise LookupError(f"the result of call {call_id} on {host.label} rank {host.identity.rank} was "
+                              f"released before it could be registered")
+        if outcome.stored:
+            if outcome.key not in self.worker.data:  # registered before, and its futures all released since
+                raise LookupError(f"the result of call {call_id} on {host.label} rank {host.identity.rank} is no "
+                                  f"longer held: Dask released its key {outcome.key!r}")
+        else:
+            outcome.key = data_key(cid, host.identity.rank, call_id)
+            self.store.put(outcome)  # a small result (or one still on its way there): Dask data from now on
+        if not self.store.held(outcome):
+            raise SerializationError(
+                f"the result of {host.label}.{outcome.name} on rank {host.identity.rank} cannot be Dask data: it "
+                f"is larger than the worker's spill target and could not be pickled; return a picklable value"
+            )
+        host.registered.add(call_id)
+        return outcome.key
+
+    def nbytes(self, key: str) -> int:
+        """The size Dask counts for data ``key`` of this worker (what ``scheduler.update_data`` wants)."""
+        ts = self.worker.state.tasks.get(key)
+        if ts is None or ts.nbytes is None:
+            raise LookupError(f"worker {self.worker.address} holds no data under key {key!r}")
+        return int(ts.nbytes)
 
     def _host(self, cid: str) -> RankHost:
         host = self.hosts.get(cid)
@@ -772,7 +884,7 @@ class TwinkleWorker:
             if not outcome.ok:
                 end.reply(i, Reply(False, error=outcome.error))
                 return
-            value = extract(outcome.value, msg.path, msg.range)
+            value = extract(host.value(outcome, msg.call_id), msg.path, msg.range)
             packed = pack(value, result_name(host.label, outcome.name, host.identity.rank))
             self.stats["fetches"] += 1
             self.stats["fetch_bytes"] += packed.nbytes
