@@ -31,10 +31,11 @@ and lands on the receiver's GPU when the receiver is a GPU worker
 (:func:`set_cuda_landing`), on the CPU otherwise; the copy to host happens
 in the serializing thread above. The ``cuda`` family
 (``distributed.protocol.cuda``) sends a CUDA tensor's device memory as its
-frame, so a Dask comm that moves device memory (UCX, with ``"cuda"`` in its
-serializers) moves it device to device. Objects that plain pickle cannot
-handle (classes defined in ``__main__`` or in a function, lambdas) go
-through cloudpickle.
+frame, so Dask messages on a comm that moves device memory (UCX, with
+``"cuda"`` in its serializers) move it device to device; a call's payload
+is one pickle with host frames, so there it takes the ``dask`` family's
+way. Objects that plain pickle cannot handle (classes defined in
+``__main__`` or in a function, lambdas) go through cloudpickle.
 """
 
 from __future__ import annotations
