@@ -108,13 +108,16 @@ def _register_torch() -> None:
         cuda_serialize.register(torch.Tensor, _cuda_dumps_tensor)
         cuda_deserialize.register(torch.Tensor, _cuda_loads_tensor)
         _NUMPY_DTYPES.update((torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-                              torch.float16, torch.float32, torch.float64))
+                              torch.float16, torch.float32, torch.float64, torch.complex64, torch.complex128))
+        _SAME_SIZE_INTS.update({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64})
         _torch_registered = True
 
 
 # --------------------------------------------------------------------------- torch.Tensor
-#: dtypes whose ``numpy()`` view holds exactly the tensor's bytes (filled at registration).
+#: dtypes numpy has, so ``numpy()`` views the tensor's bytes (filled at registration).
 _NUMPY_DTYPES: set[Any] = set()
+#: element size -> an integer dtype of that size, to view other dtypes' bytes through numpy.
+_SAME_SIZE_INTS: dict[int, Any] = {}
 
 
 def _check_plain(t: Any) -> None:
@@ -154,12 +157,18 @@ def _dask_dumps_tensor(t: Any) -> tuple[dict[str, Any], list[Any]]:
     x = t.detach()
     if not x.is_cpu:
         x = x.cpu()  # staged through host memory, in the serializing thread
-    if x.dtype in _NUMPY_DTYPES and x.numel():
-        try:  # the short way for dtypes numpy has (without conjugate or negative views)
-            return header, [memoryview(x.contiguous().numpy()).cast("B")]
-        except TypeError:
-            pass
-    return header, [_flat_bytes(x).numpy().data]
+    if x.is_complex():
+        x = x.resolve_conj().resolve_neg()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if not x.numel():
+        return header, [memoryview(b"")]
+    if x.dtype not in _NUMPY_DTYPES:  # bfloat16, float8, ...: the same bytes as an int numpy has
+        same = _SAME_SIZE_INTS.get(x.element_size())
+        if same is None:
+            return header, [_flat_bytes(x).numpy().data]
+        x = x.view(same)
+    return header, [memoryview(x.numpy()).cast("B")]
 
 
 def _dask_loads_tensor(header: dict[str, Any], frames: Sequence[Any]) -> Any:
@@ -220,9 +229,8 @@ _decided_at = -1  # size of Dask's registry when _decisions was last valid
 _MISSING: Any = object()
 
 
-def _registrations() -> int:
-    # Dask's Dispatch keeps its registrations in ``_lookup``; a new registration grows it.
-    return len(getattr(dask_serialize, "_lookup", ()))
+#: Dask's Dispatch keeps its registrations in this dict (never replaced); a new registration grows it.
+_LOOKUP: dict[Any, Any] = getattr(dask_serialize, "_lookup", {})
 
 
 def _decide(typ: type) -> _Decision:
@@ -246,7 +254,7 @@ def _decide(typ: type) -> _Decision:
 
 def _decision(typ: type) -> _Decision:
     global _decided_at
-    seen = _registrations()
+    seen = len(_LOOKUP)
     if seen != _decided_at:  # something was registered: decide again
         _decisions.clear()
         _decided_at = seen
@@ -277,7 +285,10 @@ def _dask_loads(typ: type, header: Any, *frames: Any) -> Any:
 
 def _reduce(pickler: Any, obj: Any) -> Any:
     typ = type(obj)
-    decision = _decision(typ)
+    # Every object pickle does not handle itself passes here: the common case stays inline.
+    decision = _decisions.get(typ, _MISSING) if len(_LOOKUP) == _decided_at else _MISSING
+    if decision is _MISSING:
+        decision = _decision(typ)
     if decision is None:
         return NotImplemented
     dumps, wants_context = decision
