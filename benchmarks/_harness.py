@@ -40,11 +40,6 @@ scaling        ranks [1, 2, 4, 8], iters                      by_ranks {"1": [..
 shutdown       -                                              -
 =============  =============================================  ==================================
 
-A runner may serve ops of its own besides these (``serve(runner, extra_ops)``):
-twinkle_dask's ``dask_floor`` (params iters, rounds; reply field ``by_kind``
-{"twinkle", "actor", "comm"}) times a 1-rank call against a plain Dask actor
-call and a bare ``distributed.comm`` round trip to the same worker.
-
 ``startup`` is only valid as the first request of a process (the orchestrator
 starts one runner per startup sample). ``setup`` initializes the system once
 with the given CPU groups and builds the components of the other ops: on group
@@ -316,12 +311,8 @@ def reply(obj):
     _REPLY.flush()
 
 
-def serve(runner, extra_ops=None):
-    """Answer requests from stdin until 'shutdown' or end of input, then close the system.
-
-    ``extra_ops``: ops only this system's runner has (name -> method), besides ``OPS``.
-    """
-    ops = {**OPS, **(extra_ops or {})}
+def serve(runner):
+    """Answer requests from stdin until 'shutdown' or end of input, then close the system."""
     # A terminated runner still runs the `finally` below, so the system's
     # processes (local cluster, or raylet, GCS and actors) go away with it.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -336,9 +327,9 @@ def serve(runner, extra_ops=None):
                 if not isinstance(req, dict):
                     raise OpError("a request must be a JSON object")
                 name = req.pop("op", None)
-                if name not in ops:
-                    raise OpError(f"unknown op {name!r}; known: {sorted(ops)}")
-                result = ops[name](runner, **req)
+                if name not in OPS:
+                    raise OpError(f"unknown op {name!r}; known: {sorted(OPS)}")
+                result = OPS[name](runner, **req)
             except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
                 traceback.print_exc(file=sys.stderr)
                 reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})

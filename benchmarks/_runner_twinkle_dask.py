@@ -136,6 +136,11 @@ class Trainer:
         self.opt.step()
 
 
+def tensor_sum(shards):
+    """The plain Dask task of the dask_tasks op: the exact sum of one rank's tensors."""
+    return float(sum(t.sum(dtype=torch.float64).item() for t in shards))
+
+
 # =============================================================================
 # The floors a twinkle_dask call rides on (twinkle_dask only: op dask_floor)
 # =============================================================================
@@ -200,6 +205,43 @@ class DaskRunner(_harness.Runner):
     def close(self):
         twinkle.shutdown()
 
+    def op_dask_tasks(self, iters, mib=4, warmup=1):
+        """4 plain Dask tasks fed by a lazy 4 x ``mib`` MiB result, against the same tasks fed by
+        ``client.scatter`` of the same tensors from the driver; the two alternate iteration by iteration.
+
+        twinkle_dask only: Twinkle on Ray has no Dask tasks to feed.
+        """
+        from distributed import get_client
+
+        client = get_client()
+        ranks = self.need_group("a")
+        producer = self.get("bench@a")
+        mib = int(mib)
+        numel = mib * MIB // 4
+        expected = [float(numel * (k + 1)) for k in range(ranks)]
+        tensors = [[torch.full((numel,), float(k + 1), dtype=torch.float32)] for k in range(ranks)]
+
+        def lazy_fed():
+            futures = producer.make_tensor(mib).futures()  # each rank's result, as Dask data where it is
+            return client.gather(client.map(tensor_sum, futures, pure=False))
+
+        def scatter_fed():
+            futures = client.scatter(tensors, hash=False)  # the same tensors, from the driver
+            return client.gather(client.map(tensor_sum, futures, pure=False))
+
+        for _ in range(warmup):
+            lazy_fed(), scatter_fed()
+        times, scatter_times = [], []
+        for i in range(2 * iters):
+            first_lazy = (i // 2) % 2 == 0
+            fn, out = (lazy_fed, times) if (i % 2 == 0) == first_lazy else (scatter_fed, scatter_times)
+            t0 = time.perf_counter()
+            got = fn()
+            out.append(time.perf_counter() - t0)
+            if got != expected:
+                raise _harness.OpError(f"dask_tasks ({fn.__name__}) sums {got!r}, expected {expected!r}")
+        return {"times": times, "scatter_times": scatter_times, "mib": mib}
+
     def op_dask_floor(self, iters=100, rounds=5, warmup=1):
         """A 1-rank twinkle_dask call against a plain Dask actor call and a bare comm round trip.
 
@@ -232,6 +274,10 @@ class DaskRunner(_harness.Runner):
                 "direct_to_workers": bool(client.direct_to_workers)}
 
 
+_harness.OPS["dask_tasks"] = DaskRunner.op_dask_tasks
+_harness.OPS["dask_floor"] = DaskRunner.op_dask_floor
+
+
 if __name__ == "__main__":
     classes = {"bench": Bench, "dataset": Dataset, "consumer": Consumer, "trainer": Trainer}
-    _harness.serve(DaskRunner(classes, DeviceMesh, IMPORT_S), {"dask_floor": DaskRunner.op_dask_floor})
+    _harness.serve(DaskRunner(classes, DeviceMesh, IMPORT_S))

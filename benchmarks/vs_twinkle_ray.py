@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     reps = args.reps or (2 if quick else 6)
     iters = {"call_all": 20 if quick else 150, "slice_flatten": 20 if quick else 150, "pipelined": 1,
-             "handoff": 2 if quick else 8, "train_step": 3 if quick else 25}
+             "handoff": 2 if quick else 8, "train_step": 3 if quick else 25, "dask_tasks": 2 if quick else 8}
     startup_samples = 1 if quick else 3
     scaling_iters = 10 if quick else 100
     systems = [("twinkle_dask", sys.executable, DASK_RUNNER)]
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [s[0] for s in systems]
     times: dict[str, dict[str, list[float]]] = {w: {n: [] for n in names} for w in WORKLOADS}
     extra: dict[str, dict[str, Any]] = {n: {} for n in names}
+    dask_tasks: dict[str, list[float]] = {"lazy": [], "scatter": []}
     started = time.perf_counter()
 
     def order(rep: int) -> list[tuple[str, str, pathlib.Path]]:
@@ -144,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, runner in runners.items():
             reply = runner.ask("setup", groups={"a": 4, "b": 4})
             print(f"# {name}: setup {reply['times'][0]:.1f} s", file=sys.stderr)
+        # twinkle_dask only (Twinkle on Ray has no Dask tasks): lazy result vs client.scatter feeding 4 tasks
+        for _ in range(reps):
+            reply = runners[names[0]].ask("dask_tasks", iters=iters["dask_tasks"], mib=4)
+            dask_tasks["lazy"].extend(reply["times"])
+            dask_tasks["scatter"].extend(reply["scatter_times"])
+        print(f"# dask_tasks done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
         for workload in WORKLOADS:
             for rep in range(reps):
                 for name, _, _ in order(rep):
@@ -219,6 +226,13 @@ def main(argv: list[str] | None = None) -> int:
         ratio_s = "-" if ratio is None else f"{ratio:.2f}{verdict}"
         target_s = "-" if target is None else f"<= {target}"
         print(f"| {label} | {_fmt(a)} | {_fmt(b)} | {ratio_s} | {target_s} |")
+    ratio = _ratio(dask_tasks["lazy"], dask_tasks["scatter"])
+    for label, a in (("4 Dask tasks fed by a lazy 4 x 4 MiB result (futures())", dask_tasks["lazy"]),
+                     ("the same tasks fed by client.scatter of the tensors", dask_tasks["scatter"])):
+        print(f"| {label} | {_fmt(a)} | - | - | |")
+    print()
+    print("Dask tasks fed by a lazy result / by client.scatter (twinkle_dask only; Twinkle on Ray has no "
+          "Dask tasks, hence '-'): " + ("-" if ratio is None else f"{ratio:.2f}") + "  (target: <= 1.0)")
     rss = {n: statistics.median(extra[n]["rss_growth_mib"]) for n in names if extra[n].get("rss_growth_mib")}
     print()
     print("driver RSS growth over the hand-offs (MiB, median per repetition): "
@@ -227,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} cores; {time.perf_counter() - started:.0f} s in all")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(
-            {"times": times, "scaling": scaling, "startup": startup, "extra": extra, "dask_floor": floor},
+            {"times": times, "scaling": scaling, "startup": startup, "extra": extra, "dask_tasks": dask_tasks,
+             "dask_floor": floor},
             indent=1))
     return 0
 

@@ -4,5 +4,5 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$(dirname "$0")/.."
 python -m pip install --quiet "ruff==0.17.6" "mypy==2.4.1"
-ruff check twinkle_dask tests benchmarks
+ruff check twinkle_dask tests benchmarks ci
 mypy

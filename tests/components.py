@@ -304,6 +304,24 @@ class EnvWatcher:
         return {"before": before, "after": after, "rank": twinkle.get_rank()}
 
 
+WORKER_VARS = ("CUDA_VISIBLE_DEVICES", "TWINKLE_GPU", "TWINKLE_GROUP", "TWINKLE_GROUP_INDEX", "RANK")
+
+
+@remote_class()
+class WorkerEnv:
+    """Reads its worker's environment in ``__init__`` and at both ends of a call that takes a while."""
+
+    def __init__(self):
+        self.at_init = {k: os.environ.get(k) for k in WORKER_VARS}
+
+    @remote_function(dispatch="all")
+    def read(self, seconds: float):
+        before = {k: os.environ.get(k) for k in WORKER_VARS}
+        time.sleep(seconds)
+        after = {k: os.environ.get(k) for k in WORKER_VARS}
+        return {"init": self.at_init, "before": before, "after": after}
+
+
 @remote_class()
 class Drawer:
     """Draws from every random stream of its process (random, numpy, torch)."""

@@ -65,6 +65,10 @@ class Netns:
         """Take the link down on the namespace's side: nothing crosses it any more."""
         self.run_ip("link", "set", self.inner_dev, "down")
 
+    def restore(self) -> None:
+        """Bring the link back up."""
+        self.run_ip("link", "set", self.inner_dev, "up")
+
     def remove(self) -> None:
         _ip("netns", "del", self.name, check=False)  # takes the inner end, and with it the pair
         _ip("link", "del", self.outer_dev, check=False)
@@ -90,8 +94,12 @@ def _wait_for_file(path: str, procs: list[subprocess.Popen[bytes]]) -> str:
 
 
 @pytest.fixture
-def split_cluster(tmp_path) -> Iterator[Netns]:
-    """A scheduler here, a worker of group 'cut' in a namespace and one of group 'ok' here; a session on them."""
+def split_cluster(tmp_path, request) -> Iterator[Netns]:
+    """A scheduler here, a worker of group 'cut' in a namespace and one of group 'ok' here; a session on them.
+
+    Parametrized indirectly with True, the worker in the namespace runs under a nanny.
+    """
+    nanny = bool(getattr(request, "param", False))
     if os.geteuid() != 0 or not os.path.exists(IP):
         pytest.skip("network namespaces need root and the `ip` command")
     ns = Netns()
@@ -108,7 +116,8 @@ def split_cluster(tmp_path) -> Iterator[Netns]:
         address = _wait_for_file(file, procs)
         worker = [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-nanny",
                   "--no-dashboard", "--preload", "twinkle_dask.worker"]
-        _spawn([IP, "netns", "exec", ns.name, *worker, "--host", ns.inner, "--name", "cut-0",
+        cut_worker = [a for a in worker if not (nanny and a == "--no-nanny")]
+        _spawn([IP, "netns", "exec", ns.name, *cut_worker, "--host", ns.inner, "--name", "cut-0",
                 "--resources", "twinkle-cut=1"], procs)
         _spawn([*worker, "--host", "127.0.0.1", "--name", "ok-0", "--resources", "twinkle-ok=1"], procs)
         with Client(address, set_as_default=False) as probe:
@@ -149,3 +158,26 @@ def test_a_worker_cut_off_from_the_network_fails_its_calls_within_the_bound(spli
     assert "did not answer for 3 s" in str(err)
     assert ok.count() == 1  # the other group carries on
     assert ok.identity()()["tag"] == "ok"  # one rank: its result, unwrapped
+
+
+@pytest.mark.parametrize("split_cluster", [True], indirect=True)
+def test_a_worker_back_on_the_network_is_restarted_by_its_nanny_for_new_components(split_cluster):
+    cut = Echo(tag="cut", remote_group="cut")
+    (address,) = cut._twinkle_ref.addresses
+    with dask.config.set({"twinkle-dask.worker-unresponsive-timeout": "3s"}):
+        before = worker_stats()[address]["calls"]
+        running = cut.sleep(60)
+        deadline = time.monotonic() + 10
+        while worker_stats()[address]["calls"] == before:
+            assert time.monotonic() < deadline, "the call did not reach the worker"
+        split_cluster.cut()
+        with pytest.raises(WorkerLostError):
+            running()
+        split_cluster.restore()
+        # still registered with the scheduler, but declared lost: its nanny starts it again under its name
+        again = Echo(tag="again", remote_group="cut")
+    (new,) = again._twinkle_ref.addresses
+    assert new != address and new.startswith(f"tcp://{split_cluster.inner}:")
+    assert again.identity()()["tag"] == "again"
+    with pytest.raises(WorkerLostError):  # the old component went with the old process
+        cut.count()

@@ -108,3 +108,22 @@ def test_dask_cuda_workers_of_a_local_cluster_speak_tls_too(monkeypatch):
         assert client.scheduler.address.startswith("tls://")
         assert all(a.startswith("tls://") for a in workers)
         assert Echo(remote_group="g").recv([1, 2])() == [{"args": [[1]], "kwargs": {}}, {"args": [[2]], "kwargs": {}}]
+
+
+def test_in_process_local_cluster_with_security_speaks_tls():
+    pytest.importorskip("cryptography")
+    from twinkle_dask.testing import local_session
+
+    with local_session(producer=1, consumer=1, processes=False, security=True) as client:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        assert client.scheduler.address.startswith("tls://127.0.0.1:")
+        assert len(workers) == 2 and all(a.startswith("tls://127.0.0.1:") for a in workers)
+        producer = Echo(remote_group="producer")
+        consumer = Echo(remote_group="consumer")
+        big = producer.big(256 * 1024)
+        assert consumer.describe.options(dispatch="all")(big)() == {"type": "ndarray", "len": 32768, "values": [0.0]}
+        session = twinkle.runtime.process_session()
+        channels = list(session.caller._channels.values())
+        assert len(channels) == 2 and all("cipher" in ch.comm.extra_info for ch in channels)
+        per_worker = client.run(_worker_channels_encrypted, workers=list(session.placements["consumer"].addresses))
+        assert list(per_worker.values()) == [[True]]

@@ -13,7 +13,7 @@ from components import Broken, Echo, Loader
 
 import twinkle_dask as twinkle
 from twinkle_dask import DeviceGroup, DeviceMesh, LazyResult
-from twinkle_dask.exceptions import ComponentClosedError, ConfigurationError
+from twinkle_dask.exceptions import ComponentClosedError, ConfigurationError, ConfigurationTypeError
 from twinkle_dask.testing import local_session
 
 pytestmark = pytest.mark.timeout(120)
@@ -168,3 +168,29 @@ def test_notifier_hears_of_failed_constructions():
         while not messages and time.monotonic() < deadline:
             time.sleep(0.01)
     assert messages and messages[0].startswith("Broken.__init__ failed on group 'pair': ValueError")
+
+
+def test_processes_false_goes_only_with_a_local_cluster():
+    with pytest.raises(ConfigurationError) as info:
+        twinkle.initialize("dask", address="tcp://127.0.0.1:8786", processes=False,
+                           groups=[DeviceGroup(name="g", ranks=1, device_type="cpu")])
+    assert str(info.value) == (
+        "initialize: processes=False starts a local cluster in this process, so it does not go with "
+        "address='tcp://127.0.0.1:8786' or client=None; drop processes=False to use that cluster, or drop "
+        "address/client to start an in-process one"
+    )
+    assert twinkle.runtime.process_session() is None
+
+
+def test_processes_must_be_a_bool():
+    with pytest.raises(ConfigurationTypeError, match=r"initialize: processes must be True or False, got 'no'"):
+        twinkle.initialize("dask", processes="no", groups=[DeviceGroup(name="g", ranks=1, device_type="cpu")])
+
+
+def test_in_process_gpu_groups_need_simulate_gpus():
+    expected = (r"DeviceGroup 'gpu' is a GPU group, and in-process workers \(processes=False\) share one CUDA "
+                r"context; pass simulate_gpus=True")
+    with pytest.raises(ConfigurationError, match=expected):
+        twinkle.initialize("dask", processes=False, dashboard_address=None,
+                           groups=[DeviceGroup(name="gpu", ranks=1, device_type="cuda")])
+    assert twinkle.runtime.process_session() is None

@@ -54,25 +54,11 @@ def test_in_process_cluster_calls_and_hands_off_over_inproc_comms():
         assert got[0] == 0.0
 
 
-def test_tls_configured_only_through_dask_config(tmp_path):
-    pytest.importorskip("cryptography")
+def test_tls_configured_only_through_dask_config(dask_tls_settings):
     import dask
-    from distributed import LocalCluster, Security
+    from distributed import LocalCluster
 
-    temporary = Security.temporary()
-    files = {}
-    for name in ("ca_file", "scheduler_cert", "scheduler_key", "worker_cert", "worker_key",
-                 "client_cert", "client_key"):
-        path = tmp_path / f"{name}.pem"
-        path.write_text(getattr(temporary, "tls_" + name))
-        files[name] = str(path)
-    settings = {
-        "distributed.comm.require-encryption": True,
-        "distributed.comm.tls.ca-file": files["ca_file"],
-        **{f"distributed.comm.tls.{who}.{part}": files[f"{who}_{part}"]
-           for who in ("scheduler", "worker", "client") for part in ("cert", "key")},
-    }
-    with dask.config.set(settings):
+    with dask.config.set(dask_tls_settings):
         with LocalCluster(n_workers=2, processes=False, threads_per_worker=1, protocol="tls://",
                           dashboard_address=None) as cluster:
             assert cluster.scheduler_address.startswith("tls://")
@@ -159,3 +145,26 @@ def test_tcp_channels_run_the_socket_dask_connected_unless_configured_not_to(tak
         # Many calls in flight on one channel come back in order with their own values.
         lazies = [producer.recv.options(lazy_collect=True)(i) for i in range(200)]
         assert [lazy()["args"][0] for lazy in lazies] == list(range(200))
+
+
+def test_ucx_cluster_calls_and_hands_off_over_ucx_comms():
+    why = "UCX comms need ucxx and distributed-ucxx (pip install distributed-ucxx-cu12)"
+    pytest.importorskip("ucxx", reason=why)
+    pytest.importorskip("distributed_ucxx", reason=why)
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, processes=False, threads_per_worker=1, protocol="ucx://",
+                      dashboard_address=":0") as cluster:
+        assert cluster.scheduler_address.startswith("ucx://")
+        twinkle.initialize("dask", address=cluster.scheduler_address,
+                           groups=[DeviceGroup(name="producer", ranks=1, device_type="cpu"),
+                                   DeviceGroup(name="consumer", ranks=1, device_type="cpu")])
+        session = twinkle.runtime.process_session()
+        producer = Echo(remote_group="producer")
+        consumer = Echo(remote_group="consumer")
+        assert producer.recv([7, 8])() == {"args": [[7, 8]], "kwargs": {}}
+        big = producer.big(256 * 1024)  # stays on the producer: the consumer fetches it over UCX itself
+        assert consumer.describe.options(dispatch="all")(big)() == {"type": "ndarray", "len": 32768, "values": [0.0]}
+        peers = [ch.comm.peer_address for ch in session.caller._channels.values()]
+        assert len(peers) == 2 and all(p.startswith("ucx://") for p in peers), peers
+        twinkle.shutdown()

@@ -15,6 +15,7 @@ from .collect import register_collect
 from .decorators import remote_class, remote_function
 from .dispatch import register_dispatch
 from .exceptions import (
+    BlockingCallError,
     CallTimeoutError,
     ClusterUnreachableError,
     ColocationError,
@@ -31,7 +32,7 @@ from .exceptions import (
     WorkerRestartError,
 )
 from .futures import LazyResult
-from .group import close_component, restart_component
+from .group import close_component, component_actors, restart_component
 from .identity import get_local_rank, get_rank, get_world_size, is_master
 from .mesh import DeviceGroup, DeviceMesh
 from .placement import dispatch_picture, get_device_placement
@@ -43,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "USE_DEFAULT",
+    "BlockingCallError",
     "CallTimeoutError",
     "ClusterUnreachableError",
     "ColocationError",
@@ -61,6 +63,7 @@ __all__ = [
     "WorkerLostError",
     "WorkerRestartError",
     "close_component",
+    "component_actors",
     "dispatch_picture",
     "get_device_placement",
     "get_local_rank",

@@ -20,13 +20,17 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from dask.base import is_dask_collection
+from distributed import Future
+
+from ._aio import on_loop
 from ._wire.caller import Caller
 from ._wire.channel import pack
 from ._wire.protocol import INLINE_ALL, INLINE_SMALL, Call
 from .dispatch import Dispatcher
 from .exceptions import ComponentClosedError, SerializationError
-from .futures import CallInfo, LazyResult
-from .lazy import KEEP, LazySource, contains, replace
+from .futures import CallInfo, LazyResult, _dask_client, packing
+from .lazy import KEEP, DaskInput, LazySource, contains, replace
 from .mesh import DeviceMesh
 from .specs import MethodSpec
 
@@ -78,24 +82,33 @@ def check_arguments(fn: Callable[..., Any], label: str, args: Sequence[Any], kwa
 
 
 def _is_lazy(x: Any) -> bool:
-    return isinstance(x, LazyResult)
+    # A Dask future (a LazyResult is one too) or a Dask collection (a persisted Delayed, ...).
+    return isinstance(x, Future) or getattr(type(x), "__dask_graph__", None) is not None
 
 
 def prepare_inputs(
     args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any], list[LazyResult]]:
-    """Swap lazy results for their value (when the driver has it) or a placeholder.
+) -> tuple[tuple[Any, ...], dict[str, Any], list[Any]]:
+    """Swap lazy results for their value (when the driver has it) or a placeholder, Dask futures for their key.
 
-    Returns the new arguments and the lazy results that must stay alive until
-    the call has run.
+    A Dask collection (a persisted ``Delayed``, say) is computed in the
+    cluster first (``client.compute``) and travels as its future's key.
+
+    Returns the new arguments and the lazy results and futures that must stay
+    alive until the call has run.
     """
     if not (contains(args, _is_lazy) or contains(kwargs, _is_lazy)):
         return args, kwargs, []
-    held: list[LazyResult] = []
+    held: list[Any] = []
 
     def swap(x: Any) -> Any:
+        if not isinstance(x, Future):
+            if not _is_lazy(x) or not is_dask_collection(x):
+                return KEEP
+            x = _dask_client().compute(x)  # its value, computed (a persisted one: gathered) in the cluster
         if not isinstance(x, LazyResult):
-            return KEEP
+            held.append(x)  # the consumer's worker fetches it from the cluster, peer to peer
+            return DaskInput(x.key)
         have, value = x._local_value()
         if have:
             return value
@@ -106,7 +119,7 @@ def prepare_inputs(
 
 
 def _is_source(x: Any) -> bool:
-    return isinstance(x, LazySource)
+    return isinstance(x, (LazySource, DaskInput))
 
 
 def _inspected_lazy(dispatcher: Dispatcher, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -116,7 +129,7 @@ def _inspected_lazy(dispatcher: Dispatcher, args: tuple[Any, ...], kwargs: dict[
     values = [*args, *kwargs.values()]
     if dispatcher.inspects == "all":
         return any(contains(v, _is_source) for v in values)
-    if any(isinstance(v, LazySource) for v in values):
+    if any(isinstance(v, (LazySource, DaskInput)) for v in values):
         return True
     if dispatcher.inspects == "dicts":
         stack, seen = [v for v in values if isinstance(v, dict)], set()
@@ -126,7 +139,7 @@ def _inspected_lazy(dispatcher: Dispatcher, args: tuple[Any, ...], kwargs: dict[
                 continue
             seen.add(id(d))
             for x in d.values():
-                if isinstance(x, LazySource):
+                if isinstance(x, (LazySource, DaskInput)):
                     return True
                 if isinstance(x, dict):
                     stack.append(x)
@@ -146,7 +159,11 @@ def invoke(
     closed: Callable[[], bool],
     remote_name: str | None = None,
 ) -> Any:
-    """Run ``spec`` on ``target``'s ranks; return a LazyResult, or the value when not lazy."""
+    """Run ``spec`` on ``target``'s ranks; return a LazyResult, or the value when not lazy.
+
+    On an async driver's event loop (the caller's own loop) it always returns
+    the LazyResult, without waiting: ``await`` it for the value.
+    """
     if closed():
         raise ComponentClosedError(
             f"{target.label}.{spec.name}: the component was closed (or its session shut down); "
@@ -178,11 +195,15 @@ def invoke(
     packed: dict[tuple[int, int], Any] = {}
     payloads = []
     what = f"the arguments of {target.label}.{spec.name}"
-    for pair in pairs:
-        key = (id(pair[0]), id(pair[1]))  # 'all' gives every rank the same objects: pack once
-        if key not in packed:
-            packed[key] = pack(pair, what)
-        payloads.append(packed[key])
+    packing.args = True  # a LazyResult pickled here was hidden in an object: say what to pass instead
+    try:
+        for pair in pairs:
+            key = (id(pair[0]), id(pair[1]))  # 'all' gives every rank the same objects: pack once
+            if key not in packed:
+                packed[key] = pack(pair, what)
+            payloads.append(packed[key])
+    finally:
+        packing.args = False
 
     keep = lazy
     inline = INLINE_SMALL if lazy else INLINE_ALL
@@ -216,6 +237,8 @@ def invoke(
 
     caller.post(send)
     logger.debug("%s.%s call %d sent to %d rank(s)", target.label, spec.name, call_id, n)
+    if on_loop(caller.loop):
+        return result  # an async driver, on the loop that delivers the replies: `await` gives the value
     if not lazy:
         return result.result()
     if spec.sync:

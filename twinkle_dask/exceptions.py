@@ -18,6 +18,7 @@ ValueError`` keeps working when porting code::
     ├── WorkerRestartError (RuntimeError)    a worker could not be restarted
     ├── ComponentClosedError (RuntimeError)  a call on a closed component
     ├── ColocationError (RuntimeError)       colocated components that cannot share their process
+    ├── BlockingCallError (RuntimeError)     a blocking call on an async driver's event loop
     └── RemoteError (RuntimeError)           a remote exception whose type
                                              cannot be rebuilt in the driver
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "BlockingCallError",
     "CallTimeoutError",
     "ClusterUnreachableError",
     "ColocationError",
@@ -201,6 +203,34 @@ class ColocationError(TwinkleDaskError, RuntimeError):
             f"`if not dist.is_initialized(): dist.init_process_group(...)` (the group is then "
             f"shared, as the ranks and world size are the same), or build the component in a "
             f"group of its own."
+        )
+
+
+class BlockingCallError(TwinkleDaskError, RuntimeError):
+    """A call that waits was made on the event loop an async driver's calls run on.
+
+    With an asynchronous client (``Client(asynchronous=True)``) the replies of
+    the driver's calls arrive on the running event loop itself: waiting for
+    one there would never end. Such calls raise this at once instead.
+
+    Attributes
+    ----------
+    what : str
+        The call that would have waited.
+    instead : str
+        What to write instead.
+    """
+
+    def __init__(self, what: str, instead: str) -> None:
+        self.what = what
+        self.instead = instead
+        super().__init__(what, instead)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.what} waits, and it was called on the event loop of an async driver (an asynchronous "
+            f"client's loop), which would then never get to deliver what it waits for. Write "
+            f"`{self.instead}` instead, or call it from another thread."
         )
 
 

@@ -13,15 +13,20 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
+import dask.threaded
+from distributed import Future
+
 from . import progress
+from ._aio import check_not_on_loop, on_loop
 from ._checks import check_timeout
 from ._config import seconds
 from ._wire.caller import Caller
 from ._wire.channel import unpack
 from ._wire.errors import add_note, decode_error
 from ._wire.protocol import ErrorInfo, Fetch, Reply
+from ._worker.dask_data import collect_ranks, kept_result
 from .collect import MISSING, Collector, collect
-from .exceptions import CallTimeoutError, SerializationError, WorkerLostError
+from .exceptions import CallTimeoutError, NotInitializedError, SerializationError, WorkerLostError
 from .lazy import LazySource, Meta
 from .mesh import DeviceMesh
 
@@ -113,7 +118,81 @@ def _call_site_note(site: str | None) -> str:
     return f"called from {site}" if site else ""
 
 
-class LazyResult:
+def _dask_client() -> Any:
+    """The ``distributed.Client`` of this process's session (a worker's own client inside components)."""
+    from . import runtime
+
+    session = runtime.process_session()
+    client = getattr(session, "client", None)
+    if client is not None and not getattr(session, "closed", False):
+        return client
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except ValueError:
+        raise NotInitializedError(
+            "handing a lazy result to Dask (or lazy.futures()) needs a Dask client: the driver's running "
+            "session (twinkle_dask.initialize('dask', ...) first) or, in component code, the worker's "
+            "(distributed.get_client() found none)"
+        ) from None
+
+
+def _key_name(info: CallInfo, suffix: str = "") -> str:
+    """``<Component>.<method><suffix>-<token>``: Dask's dashboard groups the keys by what precedes the token."""
+    from dask.base import tokenize
+
+    return f"{info.label}.{info.method}{suffix}-{tokenize(info.cid, info.call_id)}"
+
+
+def _first(results: list[Any]) -> Any:
+    return results[0]
+
+
+def _persisted(dsk: dict[Any, Any], *args: Any, rename: Any = None) -> Any:
+    """A persisted lazy result: the Dask future of its collected value."""
+    return next(iter(dsk.values()))
+
+
+def _no_optimize(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+    return dsk
+
+
+class _DaskLink:
+    """A lazy result registered with the Dask scheduler: one future per rank, one for the collected value."""
+
+    __slots__ = ("collected", "ranks")
+
+    def __init__(self, ranks: tuple[Future[Any], ...]) -> None:
+        self.ranks = ranks
+        #: Made when the LazyResult itself is first used as a Dask future.
+        self.collected: Future[Any] | None = None
+
+
+#: ``packing.args`` is set while this thread packs a component call's arguments (see call.invoke).
+packing = threading.local()
+
+#: Guards the creation of a lazy result's Dask futures (rare: only when a result is handed to Dask).
+_link_lock = threading.Lock()
+
+
+class _ReleaseWhenDone:
+    """Releases a kept result once the Dask tasks that read it in place have run."""
+
+    __slots__ = ("args", "caller", "left", "lock")
+
+    def __init__(self, caller: Caller, args: tuple[str, int, tuple[str, ...]], n: int) -> None:
+        self.caller, self.args, self.left, self.lock = caller, args, n, threading.Lock()
+
+    def __call__(self, _future: Any) -> None:
+        with self.lock:
+            self.left -= 1
+            last = self.left == 0
+        if last and not self.caller.closed:
+            self.caller.release(*self.args)
+
+
+class LazyResult(Future[Any]):
     """The result of a remote call, collected when it is needed.
 
     Calling it (``r()``) waits for every rank, collects their results with
@@ -121,12 +200,26 @@ class LazyResult:
     ``r.result(timeout=...)``, ``r.done()`` and ``await r`` work too. Passed
     into another component's method, the data goes worker to worker.
 
+    It is also a Dask future of the collected value: handed to
+    ``client.submit``, ``client.map``, ``dask.delayed``, ``client.compute``,
+    ``client.gather``, ``wait``, ``progress``, ``as_completed`` or
+    ``futures_of``, its per-rank results become Dask data on their workers
+    (:meth:`futures`) and one Dask task, placed by the scheduler, collects
+    them; the values move worker to worker, never through the driver. None
+    of that happens unless the result is handed to Dask.
+
+    In an async driver (an asynchronous client, on its loop) ``await r`` is
+    the way to the value: waiting there (``r()``, ``r.result()``,
+    ``r.per_rank()``) raises :class:`~twinkle_dask.exceptions.BlockingCallError`
+    until the value was awaited.
+
     Not constructed by users: remote method calls return it.
     """
 
+    # distributed.Future has no __slots__, so instances have __dict__ and __weakref__ already.
     __slots__ = (
-        "__weakref__",
         "_caller",
+        "_dask",
         "_done",
         "_error",
         "_info",
@@ -144,7 +237,7 @@ class LazyResult:
     # Set in _create (annotations only: the slots above hold the values).
     _caller: Caller
     _info: CallInfo
-    _inputs: list[LazyResult] | None
+    _inputs: list[Any] | None
     _notify: Callable[[str], None] | None
     _outcomes: list[Outcome | None]
     _remaining: int
@@ -155,6 +248,7 @@ class LazyResult:
     _observed: bool
     _released: bool
     _lock: threading.Lock
+    _dask: _DaskLink | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("LazyResult is returned by remote method calls; it cannot be built directly")
@@ -164,7 +258,7 @@ class LazyResult:
         cls,
         caller: Caller,
         info: CallInfo,
-        inputs: list[LazyResult],
+        inputs: list[Any],
         notify: Callable[[str], None] | None,
     ) -> LazyResult:
         self = object.__new__(cls)
@@ -181,6 +275,7 @@ class LazyResult:
         self._observed = False
         self._released = not info.keep
         self._lock = threading.Lock()
+        self._dask = None
         return self
 
     # ------------------------------------------------------------------ loop side
@@ -315,35 +410,40 @@ class LazyResult:
             self._observed = True
             raise self._error
 
+    def _unfetched(self, slots: list[int]) -> list[int]:
+        """The slots among ``slots`` whose value stayed on the worker."""
+        return [slot for slot in slots if not self._outcomes[slot].has_value]  # type: ignore[union-attr]
+
+    def _fetch_message(self) -> Fetch:
+        return Fetch(self._info.cid, self._info.call_id)
+
+    def _fetch_timeout(self, slot: int) -> CallTimeoutError:
+        return CallTimeoutError(self._info.label, self._info.method, self._info.timeout or 0.0,
+                                [self._info.ranks[slot]])
+
+    def _fetch_lost(self, slot: int, exc: WorkerLostError) -> WorkerLostError:
+        return WorkerLostError(exc.address, group=self._info.group, rank=self._info.ranks[slot],
+                               component=f"{self._info.label}.{self._info.method}", reason=exc.reason)
+
+    def _store_fetched(self, slot: int, reply: Reply) -> None:
+        if not reply.ok:
+            raise decode_error(reply.error, self._info.where(slot), _call_site_note(self._info.site))
+        outcome = self._outcomes[slot]
+        assert outcome is not None
+        outcome.packed, outcome.has_value = reply.value, True
+
     def _fetch(self, slots: list[int], deadline: float | None) -> None:
-        futures = {}
-        for slot in slots:
-            outcome = self._outcomes[slot]
-            assert outcome is not None
-            if not outcome.has_value:
-                msg = Fetch(self._info.cid, self._info.call_id)
-                futures[slot] = self._caller.request_threadsafe(self._info.addresses[slot], msg)
+        futures = {slot: self._caller.request_threadsafe(self._info.addresses[slot], self._fetch_message())
+                   for slot in self._unfetched(slots)}
         for slot, fut in futures.items():
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 reply = fut.result(remaining)
             except concurrent.futures.TimeoutError:
-                raise CallTimeoutError(
-                    self._info.label, self._info.method, self._info.timeout or 0.0, [self._info.ranks[slot]]
-                ) from None
+                raise self._fetch_timeout(slot) from None
             except WorkerLostError as exc:
-                raise WorkerLostError(
-                    exc.address,
-                    group=self._info.group,
-                    rank=self._info.ranks[slot],
-                    component=f"{self._info.label}.{self._info.method}",
-                    reason=exc.reason,
-                ) from None
-            if not reply.ok:
-                raise decode_error(reply.error, self._info.where(slot), _call_site_note(self._info.site))
-            outcome = self._outcomes[slot]
-            assert outcome is not None
-            outcome.packed, outcome.has_value = reply.value, True
+                raise self._fetch_lost(slot, exc) from None
+            self._store_fetched(slot, reply)
 
     def _values(self, slots: list[int], timeout: float | None) -> list[Any]:
         timeout = self._info.timeout if timeout is None else timeout
@@ -351,6 +451,9 @@ class LazyResult:
         self._wait(timeout)
         self._raise_if_failed()
         self._fetch(slots, deadline)
+        return self._unpacked(slots)
+
+    def _unpacked(self, slots: list[int]) -> list[Any]:
         values = []
         for slot in slots:
             outcome = self._outcomes[slot]
@@ -387,30 +490,50 @@ class LazyResult:
             If a rank's worker died.
         SerializationError
             If a rank's result cannot be unpickled here.
+        BlockingCallError
+            If called on an async driver's event loop before the value was
+            awaited (``await r`` there instead).
         """
         check_timeout(f"{self._info.label}.{self._info.method} result", timeout, allow_zero=True)
-        with self._lock:
-            if self._value_set:
-                return self._value
-            n = len(self._info.ranks)
-            needed = self._info.collector.needed(n, self._info.mesh)
-            fetched = dict(zip(needed, self._values(needed, timeout)))
-            results = [fetched.get(i, MISSING) for i in range(n)]
-            self._observed = True
-            try:
-                value = collect(self._info.collector, results, self._info.mesh)
-            except Exception as exc:
-                add_note(exc, f"while collecting {self._info.label}.{self._info.method} with "
-                         f"collect={self._info.collector.name!r}")
-                raise
-            self._value, self._value_set = value, True
-            return value
+        if not self._value_set:
+            check_not_on_loop(self._caller.loop, f"{self._info.label}.{self._info.method}(...).result()",
+                              f"await {self._info.label}.{self._info.method}(...)")
+        return self._value_locked(timeout)
 
     __call__ = result
 
+    def _value_locked(self, timeout: float | None) -> Any:
+        with self._lock:
+            if self._value_set:
+                return self._value
+            needed = self._info.collector.needed(len(self._info.ranks), self._info.mesh)
+            return self._collect_fetched(dict(zip(needed, self._values(needed, timeout))))
+
+    def _collect_fetched(self, fetched: dict[int, Any]) -> Any:
+        """Collect the fetched values (by slot) and cache the value; the caller holds the lock."""
+        results = [fetched.get(i, MISSING) for i in range(len(self._info.ranks))]
+        self._observed = True
+        try:
+            value = collect(self._info.collector, results, self._info.mesh)
+        except Exception as exc:
+            add_note(exc, f"while collecting {self._info.label}.{self._info.method} with "
+                     f"collect={self._info.collector.name!r}")
+            raise
+        self._value, self._value_set = value, True
+        return value
+
     def per_rank(self, timeout: float | None = None) -> list[Any]:
-        """The uncollected per-rank results, in rank order."""
+        """The uncollected per-rank results, in rank order.
+
+        Raises
+        ------
+        BlockingCallError
+            If called on an async driver's event loop (call it from a thread
+            there: ``await asyncio.to_thread(r.per_rank)``).
+        """
         check_timeout(f"{self._info.label}.{self._info.method} per_rank", timeout, allow_zero=True)
+        check_not_on_loop(self._caller.loop, f"{self._info.label}.{self._info.method}(...).per_rank()",
+                          "await asyncio.to_thread(result.per_rank)")
         values = self._values(list(range(len(self._info.ranks))), timeout)
         self._observed = True
         return values
@@ -419,9 +542,52 @@ class LazyResult:
         return self._await().__await__()
 
     async def _await(self) -> Any:
-        if not self._value_set:
-            await asyncio.wrap_future(self._done)
+        if self._value_set:
+            return self._value
+        if on_loop(self._caller.loop):
+            return await self._await_on_loop()
+        await asyncio.wrap_future(self._done)
         return await asyncio.get_running_loop().run_in_executor(None, self.result)
+
+    async def _settled(self) -> None:
+        """``_wait(None)`` without blocking the running loop: until the call settled or its timeout passed."""
+        if self._done.done():
+            return
+        timeout = self._info.timeout
+        try:  # shielded: a timeout must not cancel the call's own future
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._done)), timeout)
+        except TimeoutError:
+            if not any(o is not None and not o.ok for o in self._outcomes):
+                pending = [self._info.ranks[i] for i, o in enumerate(self._outcomes) if o is None]
+                raise CallTimeoutError(self._info.label, self._info.method, timeout or 0.0, pending) from None
+
+    async def _await_on_loop(self) -> Any:
+        """``result()`` for an async driver: on the loop that delivers the replies, never blocking it."""
+        timeout = self._info.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        await self._settled()
+        self._raise_if_failed()
+        needed = self._info.collector.needed(len(self._info.ranks), self._info.mesh)
+        requests = {slot: self._caller.request(self._info.addresses[slot], self._fetch_message())
+                    for slot in self._unfetched(needed)}
+        for slot, request in requests.items():
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                reply = await asyncio.wait_for(asyncio.shield(request), remaining)
+            except TimeoutError:
+                raise self._fetch_timeout(slot) from None
+            except WorkerLostError as exc:
+                raise self._fetch_lost(slot, exc) from None
+            self._store_fetched(slot, reply)
+        # A thread in result() holds the lock while it waits for this loop: never block on it here.
+        while not self._lock.acquire(blocking=False):
+            await asyncio.sleep(0.001)
+        try:
+            if self._value_set:
+                return self._value
+            return self._collect_fetched(dict(zip(needed, self._unpacked(needed))))
+        finally:
+            self._lock.release()
 
     # Twinkle's lazy results can be iterated and measured after collecting.
     def __iter__(self) -> Any:
@@ -453,7 +619,7 @@ class LazyResult:
         if not all(outcomes[i].has_value for i in needed):  # type: ignore[union-attr]
             return False, None
         try:
-            return True, self.result()
+            return True, self._value_locked(None)
         except Exception:
             return False, None
 
@@ -467,11 +633,155 @@ class LazyResult:
         return LazySource(info.cid, info.call_id, info.addresses, collect_spec, info.mesh,
                           f"{info.label}.{info.method}", metas)
 
+    # ------------------------------------------------------------------ Dask
+    def futures(self) -> list[Future[Any]]:
+        """One ``distributed.Future`` per rank, in rank order: each rank's result as Dask data on its worker.
+
+        The first call registers the results with the Dask scheduler (a
+        task per rank, pinned to the rank's worker, that takes the kept
+        result in place); later calls return the same futures. They work
+        with every Dask API (``client.submit(fn, f)``, ``client.gather``,
+        ``wait``, ``dask.delayed``) and keep the data alive on their workers
+        for as long as they are held, after this LazyResult is gone too. A
+        failed rank's future raises its error.
+
+        Returns
+        -------
+        list of distributed.Future
+
+        Raises
+        ------
+        NotInitializedError
+            Without a running session (no Dask client to register with).
+        """
+        return list(self._dask_link().ranks)
+
+    def _dask_link(self) -> _DaskLink:
+        link = self._dask
+        if link is not None:
+            return link
+        with _link_lock:
+            if self._dask is None:
+                self._dask = _DaskLink(self._register())
+            return self._dask
+
+    def _register(self) -> tuple[Future[Any], ...]:
+        """The rank futures: a task per rank, on its worker, that waits for the call and takes the kept result."""
+        info = self._info
+        if info.keep and self._released:
+            raise RuntimeError(f"{info.label}.{info.method}: this result was already released")
+        client = _dask_client()
+        name = _key_name(info)
+        return tuple(
+            # Loose restriction: rerun after the worker was lost, the task fails elsewhere saying the
+            # component is not there, where a strict one would wait for the gone worker forever.
+            client.submit(kept_result, info.cid, info.call_id, rank, key=(name, rank), workers=[address],
+                          allow_other_workers=True, pure=False)
+            for rank, address in zip(info.ranks, info.addresses)
+        )
+
+    def _collected(self) -> Future[Any]:
+        """The collected value as a Dask future: one task, placed by the scheduler, applies the collect."""
+        link = self._dask_link()
+        collected = link.collected
+        if collected is not None:
+            return collected
+        with _link_lock:
+            if link.collected is None:
+                info = self._info
+                src = self._source()
+                needed = src.needed()
+                link.collected = link.ranks[0].client.submit(
+                    collect_ranks, src, needed, *(link.ranks[i] for i in needed),
+                    key=_key_name(info, ".collect"), pure=False)
+            return link.collected
+
+    # A Dask future of the collected value: Dask reads these (registration happens on first use).
+    @property
+    def key(self) -> Any:  # type: ignore[override]  # an attribute of Future
+        return self._collected().key
+
+    @property
+    def _state(self) -> Any:  # type: ignore[override]
+        return self._collected()._state
+
+    @property
+    def client(self) -> Any:
+        return self._collected().client
+
+    @property
+    def _client(self) -> Any:  # type: ignore[override]
+        return self._collected().client
+
+    def release(self) -> None:
+        """Dask's name: let go of the collected value's Dask future (the results live while this object does)."""
+        link = self._dask
+        if link is not None:
+            link.collected = None
+
+    def __hash__(self) -> int:
+        return object.__hash__(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __dask_tokenize__(self) -> tuple[str, str, int]:
+        return ("LazyResult", self._info.cid, self._info.call_id)
+
+    # And a Dask collection of that one key, so that dask.compute, dask.persist and client.persist
+    # take it too (a graph holding the collected future, as a persisted collection's does).
+    def __dask_graph__(self) -> dict[Any, Any]:
+        collected = self._collected()
+        return {collected.key: collected}
+
+    def __dask_keys__(self) -> list[Any]:
+        return [self.key]
+
+    def __dask_layers__(self) -> tuple[Any, ...]:
+        return (self.key,)
+
+    def __dask_postcompute__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return _first, ()
+
+    def __dask_postpersist__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return _persisted, ()
+
+    __dask_optimize__ = staticmethod(_no_optimize)
+    # What dask.compute uses without a distributed client (a lazy result always has one).
+    __dask_scheduler__ = staticmethod(dask.threaded.get)
+
+    def __copy__(self) -> LazyResult:
+        return self  # a handle on one call's results: copies are the same handle
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LazyResult:
+        return self
+
+    def __reduce__(self) -> Any:
+        info = self._info
+        if getattr(packing, "args", False):
+            raise TypeError(
+                f"a LazyResult ({info.label}.{info.method}) sits inside an object the argument walk does not "
+                f"look into (only lists, tuples and dicts are); pass it directly or in a list, tuple or dict, "
+                f"or pass lazy.futures() (per-rank Dask futures) or lazy.result() (the value) instead"
+            )
+        # Inside a Dask graph (dask.delayed): a reference to the collected value, as a Future pickles.
+        return Future, (self.key,)
+
     # ------------------------------------------------------------------ lifetime
     def _release(self) -> None:
         if not self._released:
             self._released = True
-            self._caller.release(self._info.cid, self._info.call_id, self._info.addresses)
+            info = self._info
+            link = self._dask
+            if link is not None:
+                # Dask tasks read the kept results in place: release them once those have run.
+                pending = [f for f in link.ranks if not f.done()]
+                if pending:
+                    done = _ReleaseWhenDone(self._caller, (info.cid, info.call_id, info.addresses), len(pending))
+                    for f in pending:
+                        f.add_done_callback(done)
+                    return
+            self._caller.release(info.cid, info.call_id, info.addresses)
 
     def __del__(self) -> None:
         try:

@@ -18,11 +18,12 @@ import time
 import types
 import uuid
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import progress, runtime
+from . import actors, progress, runtime
+from ._aio import Pending, check_not_on_loop, offload, on_loop
 from ._checks import check_timeout
 from ._config import seconds
 from ._wire.channel import connect_timeout, pack
@@ -30,6 +31,7 @@ from ._wire.errors import decode_error
 from ._wire.protocol import Build, Close, FreePort, Reply
 from .call import CallTarget, caller_site, invoke, prepare_inputs
 from .exceptions import (
+    BlockingCallError,
     CallTimeoutError,
     ComponentClosedError,
     ConfigurationError,
@@ -45,6 +47,7 @@ __all__ = [
     "ComponentRef",
     "RemoteMethod",
     "close_component",
+    "component_actors",
     "create_component",
     "restart_component",
 ]
@@ -176,6 +179,8 @@ def _build(session: Any, plan: BuildPlan, site: str | None) -> ComponentRef:
         raise WorkerLostError(exc.address, group=group, rank=0, component=f"{label}.__init__",
                               reason=exc.reason) from None
     master_addr, master_port = hosts[0], port_reply.port
+    # The scheduler learns of the ranks as actors on their workers while they are built.
+    registered = actors.register(session, cid, label, addresses)
     futures = []
     for rank, address in enumerate(addresses):
         if place.is_gpu:
@@ -192,6 +197,7 @@ def _build(session: Any, plan: BuildPlan, site: str | None) -> ComponentRef:
                        getattr(session, "session_id", ""))
     pending = [rank for rank, fut in enumerate(futures) if not fut.done()]
     if errors or pending:
+        actors.release(cid)
         _teardown(session, ref, futures, errors)
         if errors:
             raise errors[min(errors)]
@@ -200,6 +206,7 @@ def _build(session: Any, plan: BuildPlan, site: str | None) -> ComponentRef:
                         f"{label} was not built: every rank was closed again (ranks still in __init__ had "
                         f"their worker restarted); pass a larger timeout= to the constructor if "
                         f"__init__ needs longer")
+    actors.settle(registered, answer if deadline is None else max(0.0, min(answer, deadline - time.monotonic())))
     logger.info("built %s on group %r ranks %s", label, group, list(plan.indices))
     return ref
 
@@ -322,9 +329,20 @@ def _teardown(session: Any, ref: ComponentRef, futures: list[concurrent.futures.
 
 
 def create_component(session: Any, klass: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Build ``klass`` in a group's workers and return its handle."""
+    """Build ``klass`` in a group's workers and return its handle.
+
+    On an async driver's event loop the build waits in a thread and this
+    returns an awaitable of the handle (``model = await Model(remote_group='g')``).
+    """
     site = caller_site()
     plan, held = _plan(session, klass, args, kwargs)
+    if on_loop(session.caller.loop):
+        return Pending(f"{plan.label} being built on group {plan.group!r}",
+                       offload(_finish_component, session, plan, held, site))
+    return _finish_component(session, plan, held, site)
+
+
+def _finish_component(session: Any, plan: BuildPlan, held: list[Any], site: str | None) -> Any:
     try:
         ref = _build(session, plan, site)
     except Exception as exc:
@@ -338,7 +356,7 @@ def create_component(session: Any, klass: type, args: tuple[Any, ...], kwargs: d
     return make_handle(ref, plan.group)
 
 
-def restart_component(handle: Any, timeout: float = 120.0) -> None:
+def restart_component(handle: Any, timeout: float = 120.0) -> Any:
     """Rebuild a component's instances with their original constructor arguments.
 
     For use after a worker was lost: the group's workers are looked up again
@@ -346,6 +364,11 @@ def restart_component(handle: Any, timeout: float = 120.0) -> None:
     the handle points at the new instances. Results of earlier calls are
     gone; state the instances held must be restored by the caller (reload a
     checkpoint). Other components are not touched.
+
+    Returns
+    -------
+    None, or an awaitable on an async driver's event loop
+        There, ``await restart_component(handle)``.
 
     Raises
     ------
@@ -356,8 +379,16 @@ def restart_component(handle: Any, timeout: float = 120.0) -> None:
     """
     ref = _state(handle)
     session = _session_for(ref, "restart")
+    if on_loop(session.caller.loop):
+        return Pending(f"{ref.label} being rebuilt", offload(_restart, handle, session, ref, timeout))
+    _restart(handle, session, ref, timeout)
+    return None
+
+
+def _restart(handle: Any, session: Any, ref: ComponentRef, timeout: float) -> None:
     plan = session.plan_of(ref)
     stuck = _close_or_find_stuck(session, ref)
+    actors.release(ref.cid)
     if stuck:
         # A call (or __init__) of the component is still running and cannot be stopped from outside
         # its process: restart those workers. Every component on them is lost with it.
@@ -397,17 +428,46 @@ def _close_or_find_stuck(session: Any, ref: ComponentRef) -> list[str]:
     return stuck
 
 
-def close_component(handle_or_ref: Any, timeout: float = 10.0) -> None:
-    """Destroy a component's instances on its workers; later calls raise ComponentClosedError."""
+def close_component(handle_or_ref: Any, timeout: float = 10.0) -> Any:
+    """Destroy a component's instances on its workers; later calls raise ComponentClosedError.
+
+    Returns None, or on an async driver's event loop an awaitable
+    (``await close_component(handle)``).
+    """
     ref = handle_or_ref if isinstance(handle_or_ref, ComponentRef) else _state(handle_or_ref)
     session = runtime.current()
     if session is None or session.mode != "dask":
-        return
+        return None
+    if on_loop(session.caller.loop):
+        return Pending(f"{ref.label} closing", offload(_close, session, ref, timeout))
+    _close(session, ref, timeout)
+    return None
+
+
+def _close(session: Any, ref: ComponentRef, timeout: float) -> None:
     futures = _send_close(session.caller, ref)
+    actors.release(ref.cid)
     concurrent.futures.wait(futures, timeout=timeout)
     untrack = getattr(session, "untrack", None)
     if untrack is not None:
         untrack(ref)
+
+
+def component_actors(handle: Any) -> list[Any]:
+    """The Dask actor futures that stand for a component's ranks on their workers, in rank order.
+
+    The scheduler knows every rank as an actor on its worker (so
+    ``retire_workers`` and ``cluster.adapt()`` leave those workers alone);
+    these are their futures: ``client.who_has(futures)`` says where the ranks
+    are, and ``future.result().describe()`` asks the rank's actor about it.
+    Empty for a component this process did not build, or one that was closed.
+
+    Examples
+    --------
+    >>> [f.key for f in twinkle.component_actors(model)]  # doctest: +SKIP
+    ['Model-model-Model-3f2a9c1b7d-0', 'Model-model-Model-3f2a9c1b7d-1']
+    """
+    return actors.actor_futures(_state(handle).cid)
 
 
 # --------------------------------------------------------------------------- handle
@@ -447,6 +507,9 @@ def _call(handle: Any, spec: MethodSpec, fn: Callable[..., Any] | None, args: tu
     ref = _state(handle)
     session = _session_for(ref, spec.name)
     if not session.in_worker and session.should_restart(ref):
+        if on_loop(session.caller.loop):
+            raise BlockingCallError(f"{ref.label}.{spec.name}(...) on a component whose worker was lost (it "
+                                    f"rebuilds the component first)", "await handle.restart()")
         restart_component(handle)
         ref = _state(handle)
     if lazy is None:
@@ -580,6 +643,8 @@ class ComponentHandle:
         cls = type(self)._twinkle_cls
         if not hasattr(cls, "__len__"):
             raise TypeError(f"object of type {cls.__name__!r} has no len()")
+        session = _session_for(_state(self), "__len__")
+        check_not_on_loop(session.caller.loop, f"len({cls.__name__} handle)", "await asyncio.to_thread(len, handle)")
         return int(_call(self, _LEN_SPEC, None, (), {}, lazy=False))
 
     def __iter__(self) -> Iterator[Any]:
@@ -589,9 +654,20 @@ class ComponentHandle:
         spec = method_spec(cls.__iter__) or _ITER_DEFAULT
         return _HandleIterator(self, spec)
 
-    def restart(self, timeout: float = 120.0) -> None:
-        """Rebuild the instances with their original constructor arguments (see :func:`restart_component`)."""
-        restart_component(self, timeout)
+    def __aiter__(self) -> AsyncIterator[Any]:
+        """``async for batch in handle``: iteration that awaits each step (for async drivers)."""
+        cls = type(self)._twinkle_cls
+        if not hasattr(cls, "__iter__"):
+            raise TypeError(f"{cls.__name__!r} object is not iterable")
+        spec = method_spec(cls.__iter__) or _ITER_DEFAULT
+        return _async_batches(self, spec)
+
+    def restart(self, timeout: float = 120.0) -> Any:
+        """Rebuild the instances with their original constructor arguments (see :func:`restart_component`).
+
+        On an async driver's event loop: ``await handle.restart()``.
+        """
+        return restart_component(self, timeout)
 
     def __dir__(self) -> list[str]:
         names = {name for name, _ in _remote_methods(type(self)._twinkle_cls)}
@@ -602,6 +678,10 @@ class _HandleIterator:
     """Driver-side iteration: ``__next__`` on the target ranks until one is exhausted."""
 
     def __init__(self, handle: Any, spec: MethodSpec) -> None:
+        session = _session_for(_state(handle), "__iter__")
+        name = type(handle)._twinkle_cls.__name__
+        check_not_on_loop(session.caller.loop, f"iterating a {name} handle",
+                          "await asyncio.to_thread(list, handle)")
         self._handle = handle
         self._spec = spec
         start = MethodSpec("__iter__", dispatch="all", execute=spec.execute, collect="none",
@@ -638,6 +718,23 @@ class _HandleIterator:
         return result if lazy else result.result()
 
 
+async def _async_batches(handle: Any, spec: MethodSpec) -> AsyncIterator[Any]:
+    """What :class:`_HandleIterator` yields, each step awaited instead of waited for."""
+    start = MethodSpec("__iter__", dispatch="all", execute=spec.execute, collect="none", timeout=spec.timeout)
+    await _call(handle, start, None, (), {}, lazy=True)
+    step = MethodSpec("__next__", dispatch="all", execute=spec.execute, collect=spec.collect,
+                      lazy_collect=spec.lazy_collect, timeout=spec.timeout)
+    while True:
+        lazy = _lazy_for(handle, step, _session_for(_state(handle), "__next__"))
+        result = _call(handle, step, None, (), {}, lazy=True, remote_name="__twinkle_next__")
+        await result._settled()
+        result._raise_if_failed()
+        if result._stopped():
+            result._release()
+            return
+        yield result if lazy else await result
+
+
 def _rebuild_handle(ref: ComponentRef, remote_group: str | None) -> Any:
     return make_handle(ref, remote_group)
 
@@ -646,7 +743,7 @@ def _rebuild_handle(ref: ComponentRef, remote_group: str | None) -> Any:
 _OWN = frozenset(
     {"__init__", "__new__", "__getattr__", "__getattribute__", "__setattr__", "__delattr__",
      "__repr__", "__str__", "_repr_html_", "__reduce__", "__reduce_ex__", "__getstate__", "__setstate__",
-     "__copy__", "__deepcopy__", "__bool__", "__eq__", "__ne__", "__hash__", "__len__", "__iter__",
+     "__copy__", "__deepcopy__", "__bool__", "__eq__", "__ne__", "__hash__", "__len__", "__iter__", "__aiter__",
      "__next__", "__dir__", "__del__", "__init_subclass__", "__class_getitem__", "__subclasshook__",
      "__dict__", "__weakref__", "__module__", "__doc__", "__qualname__", "__slots__", "__annotations__",
      "__abstractmethods__", "_abc_impl", "__class__", "__format__", "__sizeof__", "__firstlineno__",

@@ -29,6 +29,7 @@ from .mesh import DeviceMesh
 
 __all__ = [
     "ConcatView",
+    "DaskInput",
     "FetchKey",
     "ItemsView",
     "LazySource",
@@ -356,6 +357,13 @@ def plan_view(source: LazySource, metas: Sequence[Meta | None]) -> LazyView | No
     if name in ("first", "last_pp_first") or (name == "none" and n == 1):
         return shards[0]
     return ItemsView(shards)
+
+
+@dataclass(frozen=True, slots=True)
+class DaskInput:
+    """A Dask ``Future`` standing in an argument: its key, fetched by the consumer rank's worker."""
+
+    key: Any
 
 
 # --------------------------------------------------------------------------- structures

@@ -103,10 +103,20 @@ _lock = threading.Lock()
 _thread_context: contextvars.ContextVar[Any] = contextvars.ContextVar("twinkle_dask_context", default=None)
 
 
+#: Finds the context of a Dask task thread on a worker that runs twinkle (set by the worker extension).
+_task_context: Callable[[], Any] | None = None
+
+
 def current() -> Any:
-    """The session that applies to this thread (a worker context inside components)."""
+    """The session that applies to this thread (a worker context inside components and Dask tasks)."""
     ctx = _thread_context.get()
-    return ctx if ctx is not None else _process_session
+    if ctx is not None:
+        return ctx
+    if _task_context is not None:
+        ctx = _task_context()
+        if ctx is not None:
+            return ctx
+    return _process_session
 
 
 def process_session() -> Any:
@@ -123,3 +133,9 @@ def set_process_session(session: Any) -> None:
 def enter_worker_context(context: Any) -> None:
     """Make ``context`` the session of this thread (component threads on workers)."""
     _thread_context.set(context)
+
+
+def set_task_context(find: Callable[[], Any]) -> None:
+    """Let Dask task threads of this process's workers find their worker's context (``find``: None outside one)."""
+    global _task_context
+    _task_context = find

@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import psutil
 
+from . import actors, runtime
 from . import identity as _identity
-from . import runtime
+from ._aio import Pending, offload, on_loop, running_loop
 from ._checks import check_bool, check_count, check_int, check_str, check_timeout
 from ._config import seconds
 from ._deploy.cluster import (
+    IN_PROCESS_ENV,
     ClusterConnection,
     _tag_worker,
     check_cluster_options,
@@ -31,12 +33,13 @@ from ._deploy.cluster import (
     resource_name,
     start_local_cluster,
     stop_local_cluster,
+    use_async_client,
 )
 from ._seed import seed_everything
 from ._wire.caller import Caller
 from ._wire.protocol import Close, Notice, Output
 from ._wire.serde import register_serializers
-from .exceptions import ConfigurationError, WorkerLostError, WorkerRestartError
+from .exceptions import BlockingCallError, ConfigurationError, WorkerLostError, WorkerRestartError
 from .group import BuildPlan, ComponentRef, create_component
 from .mesh import DeviceGroup, DeviceMesh, resolve_groups
 from .reporting import MetricsLog, show_output
@@ -82,8 +85,8 @@ class DaskSession:
     ) -> None:
         self.session_id = uuid.uuid4().hex
         # Workers of an in-process cluster (processes=False) run component
-        # threads in this process and export their identity to os.environ.
-        self._driver_env = _identity.snapshot_env()
+        # threads in this process and export their identity and environment to os.environ.
+        self._driver_env = {**_identity.snapshot_env(), **{k: os.environ.get(k) for k in IN_PROCESS_ENV}}
         self.connection = connection
         self.client = connection.client
         self.groups = groups
@@ -229,17 +232,20 @@ class DaskSession:
             unusable = [i for i, a in enumerate(addresses) if a is None or self._caller.is_lost(a)]
             if not unusable:
                 break
-            if self.connection.cluster is not None:
-                for i in unusable:
-                    a = addresses[i]
-                    reason = getattr(self._caller.lost_reason(a), "reason", "") if a is not None else ""
-                    if a is not None and a not in killed and reason.startswith("did not answer"):
-                        # Hung, yet still registered: the local cluster starts it again, as a nanny would.
-                        killed.add(a)
-                        try:
+            for i in unusable:
+                a = addresses[i]
+                reason = getattr(self._caller.lost_reason(a), "reason", "") if a is not None else ""
+                if a is not None and a not in killed and reason.startswith("did not answer"):
+                    # Hung or cut off, yet still registered: start it again under its name, as a nanny
+                    # does (the local cluster's launcher; an existing cluster's own nanny).
+                    killed.add(a)
+                    try:
+                        if self.connection.cluster is not None:
                             self._kill_local_worker(a)
-                        except WorkerRestartError as exc:
-                            logger.warning("twinkle_dask: %s", exc)
+                        else:
+                            self._restart_by_nanny(a, max(0.0, deadline - time.monotonic()))
+                    except WorkerRestartError as exc:
+                        logger.warning("twinkle_dask: %s", exc)
             if time.monotonic() >= deadline:
                 i = unusable[0]
                 a = addresses[i]
@@ -262,6 +268,16 @@ class DaskSession:
             self.connection.placements[group] = dataclasses.replace(old, addresses=new, hosts=hosts)
             logger.info("twinkle_dask: group %r now uses workers %s", group, list(new))
         return self.connection.placements[group]
+
+    def _restart_by_nanny(self, address: str, timeout: float) -> None:
+        """Ask an existing cluster's nanny to restart the worker at ``address`` (same name, new address)."""
+        try:
+            self.client.restart_workers([address], timeout=timeout, raise_for_error=True)
+        except ValueError as exc:  # Dask: "Restarting workers requires a nanny to be used"
+            raise WorkerRestartError([address], f"{exc}; start the cluster's workers with a nanny (`dask worker`, "
+                                     f"without --no-nanny) or restart it by hand") from None
+        except (TimeoutError, OSError) as exc:
+            raise WorkerRestartError([address], f"Dask's nanny did not restart it: {exc}") from None
 
     def restart_workers(self, addresses: Sequence[str], timeout: float | None = None) -> None:
         """Restart the worker processes at ``addresses`` and wait until their replacements joined.
@@ -364,6 +380,17 @@ class DaskSession:
         if self.closed:
             return
         self.closed = True
+        if not self._caller.loop.is_running():
+            # An async driver's loop ended before `await twinkle_dask.shutdown()` (this runs at exit):
+            # its channels and client went with it. What is left: the local cluster, if we started one.
+            logger.warning("twinkle_dask: the event loop of this async driver stopped before the session was "
+                           "shut down; its components were not closed. Await twinkle_dask.shutdown() before the "
+                           "loop ends")
+            self._components.clear()
+            if self._notify_pool is not None:
+                self._notify_pool.shutdown(wait=False)
+            self._stop_cluster(timeout)
+            return
         futures = [
             self._caller.request_threadsafe(addr, Close(record.ref.cid))
             for record in self._components.values()
@@ -371,6 +398,7 @@ class DaskSession:
         ]
         concurrent.futures.wait(futures, timeout=min(timeout, 10.0))
         self._components.clear()
+        actors.release_all()
         try:
             if self._previous_handler is not None:
                 self.client.subscribe_topic("all", self._previous_handler)
@@ -390,6 +418,11 @@ class DaskSession:
                 conn.client.close(timeout=5)
             except Exception:
                 logger.debug("twinkle_dask: closing the client failed", exc_info=True)
+        self._stop_cluster(timeout)
+
+    def _stop_cluster(self, timeout: float) -> None:
+        """Stop the local cluster if initialize started one; restore the driver's environment."""
+        conn = self.connection
         if conn.cluster is not None:
             try:
                 stop_local_cluster(conn.cluster, timeout, conn.zygote)
@@ -431,6 +464,8 @@ def initialize(
     security: Any = None,
     simulate_gpus: bool = False,
     memory_limit: Any = "auto",
+    processes: bool = True,
+    asynchronous: bool | None = None,
 ) -> Any:
     """Start twinkle_dask, in-process (``'local'``) or on a Dask cluster (``'dask'``).
 
@@ -484,11 +519,27 @@ def initialize(
         machine's memory (``0.5``), or ``None``/``0`` for no limit. Dask's
         memory manager spills and pauses the worker near it. Ignored for
         existing clusters (their workers have their own).
+    processes : bool, default True
+        Whether the local cluster's workers run in processes of their own.
+        ``False``: in this process, over ``inproc://`` comms, as
+        ``LocalCluster(processes=False)`` (fast to start, for tests); their
+        component code runs one job at a time, each with its own worker's
+        environment and identity in ``os.environ`` (GPU groups need
+        ``simulate_gpus=True``); no memory limit.
+    asynchronous : bool, optional
+        Start an async driver: ``initialize`` returns an awaitable of the
+        client, and afterwards builds and calls return awaitables on the
+        running event loop (see the README's "Async drivers"). Default: True
+        when ``client`` is an asynchronous client used on its own loop
+        (``await Client(asynchronous=True)``). ``True`` without ``client``
+        must be called inside a running loop; the session then talks to the
+        cluster through an asynchronous client of its own on that loop.
 
     Returns
     -------
     distributed.Client or None
-        The client in ``'dask'`` mode (its notebook repr links the dashboard).
+        The client in ``'dask'`` mode (its notebook repr links the dashboard);
+        for an async driver an awaitable of it.
 
     Raises
     ------
@@ -501,6 +552,8 @@ def initialize(
     ClusterUnreachableError
         If no scheduler answers at ``address`` within Dask's connect timeout
         (``distributed.comm.timeouts.connect``).
+    BlockingCallError
+        For ``asynchronous=False`` on the loop of an asynchronous client.
 
     Examples
     --------
@@ -508,6 +561,11 @@ def initialize(
     >>> from twinkle_dask import DeviceGroup
     >>> twinkle.initialize('dask', groups=[DeviceGroup(name='default', ranks=4, device_type='cpu')])  # doctest: +SKIP
     <Client: 'tcp://127.0.0.1:...' processes=4 threads=4>
+
+    In a coroutine, with an asynchronous client:
+
+    >>> client = await Client(cluster, asynchronous=True)  # doctest: +SKIP
+    >>> await twinkle.initialize('dask', client=client, groups=[...])  # doctest: +SKIP
     """
     # Every option is checked before anything starts (a process, a connection, the seeding).
     if mode not in MODES:
@@ -523,12 +581,22 @@ def initialize(
     check_bool(where, "full_determinism", full_determinism)
     check_str(where, "name", name)
     check_bool(where, "simulate_gpus", simulate_gpus)
+    check_bool(where, "processes", processes)
     nproc_per_node = check_count(where, "nproc_per_node", nproc_per_node)
     check_count(where, "ncpu_proc_per_node", ncpu_proc_per_node, minimum=0)
+    if asynchronous is not None:
+        check_bool(where, "asynchronous", asynchronous)
     if mode == "dask":
         check_cluster_options(address=address, client=client, security=security,
                               dashboard_address=dashboard_address)
         memory_bytes = resolve_memory_limit(memory_limit)
+        if not processes and (address is not None or client is not None):
+            raise ConfigurationError(
+                f"initialize: processes=False starts a local cluster in this process, so it does not go with "
+                f"address={address!r} or client={client!r}; drop processes=False to use that cluster, or drop "
+                f"address/client to start an in-process one"
+            )
+        asynchronous = _check_asynchronous(asynchronous, client)
     current = runtime.process_session()
     if mode == "local":
         if isinstance(current, DaskSession) and not current.closed:
@@ -551,7 +619,7 @@ def initialize(
     device_groups = _check_groups(groups)
     resolved = resolve_groups(device_groups)
     config = (tuple((g.name, g.num_ranks, g.device_type.lower(), g.gpus_per_worker) for g in device_groups),
-              address, id(client), simulate_gpus, memory_bytes)
+              address, id(client), simulate_gpus, memory_bytes, processes)
     if isinstance(current, DaskSession) and not current.closed:
         if current.config == config:
             current.seed, current.lazy_collect = seed, lazy_collect
@@ -563,22 +631,69 @@ def initialize(
         )
     seed_everything(seed, full_determinism)
     register_serializers()  # tensors between this driver and the workers, on Dask's comms too
-    if address is not None or client is not None:
-        connection = connect_cluster(resolved, address=address, client=client, security=security,
-                                     nproc_per_node=nproc_per_node)
-    else:
-        connection = start_local_cluster(resolved, dashboard_address=dashboard_address,
-                                         simulate_gpus=simulate_gpus, security=security,
-                                         memory_limit=memory_bytes)
-    session = DaskSession(
-        connection=connection, groups=device_groups, seed=seed, full_determinism=full_determinism,
-        global_mesh=global_device_mesh, lazy_collect=lazy_collect, name=name, notifier=notifier,
-        config=config,
+    connect = functools.partial(
+        _connect, resolved, address=address, client=client, security=security, nproc_per_node=nproc_per_node,
+        dashboard_address=dashboard_address, simulate_gpus=simulate_gpus, memory_limit=memory_bytes,
+        processes=processes,
     )
+    start = functools.partial(
+        _start_session, groups=device_groups, seed=seed, full_determinism=full_determinism,
+        global_mesh=global_device_mesh, lazy_collect=lazy_collect, name=name, notifier=notifier, config=config,
+    )
+    if asynchronous:
+        return Pending("twinkle_dask session starting", _start_async(connect, start))
+    return start(connect())
+
+
+def _check_asynchronous(asynchronous: bool | None, client: Any) -> bool:
+    """Whether ``initialize`` starts an async driver (see its ``asynchronous`` parameter)."""
+    loop = running_loop()
+    client_async = client is not None and loop is not None and on_loop(client.loop.asyncio_loop)
+    if asynchronous is None:
+        return client_async
+    if asynchronous and loop is None:
+        raise ConfigurationError(
+            "initialize(..., asynchronous=True) was called outside a running event loop; await it inside a "
+            "coroutine (`client = await twinkle_dask.initialize('dask', ..., asynchronous=True)`), or drop "
+            "asynchronous=True for a synchronous driver"
+        )
+    if asynchronous and client is not None and not client_async:
+        raise ConfigurationError(
+            f"initialize(..., asynchronous=True) got the synchronous client {client!r}; pass an asynchronous "
+            f"one (`client = await Client(..., asynchronous=True)`), or drop asynchronous=True"
+        )
+    if not asynchronous and client_async:
+        raise BlockingCallError("initialize(..., asynchronous=False) with an asynchronous client on its loop",
+                                "await twinkle_dask.initialize('dask', client=client, ...)")
+    return asynchronous
+
+
+def _connect(resolved: Any, *, address: str | None, client: Any, security: Any, nproc_per_node: int | None,
+             dashboard_address: str | None, simulate_gpus: bool, memory_limit: int,
+             processes: bool) -> ClusterConnection:
+    """Reach the cluster (blocking): the existing one, or a local one started now."""
+    if address is not None or client is not None:
+        return connect_cluster(resolved, address=address, client=client, security=security,
+                               nproc_per_node=nproc_per_node)
+    return start_local_cluster(resolved, dashboard_address=dashboard_address, simulate_gpus=simulate_gpus,
+                               security=security, memory_limit=memory_limit, processes=processes)
+
+
+def _start_session(connection: ClusterConnection, **options: Any) -> Any:
+    """Make ``connection``'s session the process's session; return its client."""
+    session = DaskSession(connection=connection, **options)
     runtime.set_process_session(session)
     _register_atexit()
-    logger.info("twinkle_dask session started: groups %s", [g.name for g in device_groups])
+    logger.info("twinkle_dask session started: groups %s", [g.name for g in session.groups])
     return connection.client
+
+
+async def _start_async(connect: Callable[[], ClusterConnection], start: Callable[[ClusterConnection], Any]) -> Any:
+    """``initialize`` for an async driver: the blocking connect runs in a thread, off the loop."""
+    connection = await offload(connect)
+    if not on_loop(cast("AsyncIOLoop", connection.client.loop).asyncio_loop):  # our own sync client, on its own loop
+        await use_async_client(connection)
+    return start(connection)
 
 
 _atexit_registered = False
@@ -591,7 +706,7 @@ def _register_atexit() -> None:
         _atexit_registered = True
 
 
-def shutdown(timeout: float = 30.0) -> None:
+def shutdown(timeout: float = 30.0) -> Any:
     """Close the session: destroy the components, and stop the local cluster if initialize started one.
 
     Safe to call more than once; completes within about ``timeout`` seconds
@@ -602,6 +717,12 @@ def shutdown(timeout: float = 30.0) -> None:
     timeout : float, default 30
         Seconds to allow for closing the components and the local cluster.
 
+    Returns
+    -------
+    None, or an awaitable for an async driver
+        On the loop of an async driver's session: ``await twinkle_dask.shutdown()``
+        (the closing starts at once, awaited or not).
+
     Raises
     ------
     ConfigurationError
@@ -611,4 +732,7 @@ def shutdown(timeout: float = 30.0) -> None:
     session = runtime.process_session()
     runtime.set_process_session(None)
     if isinstance(session, DaskSession):
+        if on_loop(session.caller.loop):
+            return Pending("twinkle_dask shutdown", offload(session.close, timeout))
         session.close(timeout)
+    return None

@@ -2,7 +2,8 @@
 
 Local: one scheduler in the driver process (bound to localhost) and one
 worker *subprocess* per group rank, named ``<group>-<i>`` and tagged with the
-Dask resource ``twinkle-<group>``. Existing: group ranks are mapped onto the
+Dask resource ``twinkle-<group>`` (with ``processes=False``: workers in the
+driver process, over ``inproc://`` comms, for fast tests). Existing: group ranks are mapped onto the
 cluster's workers, preferring workers already tagged for a group
 (``dask worker --resources twinkle-<group>=1``) and tagging the rest.
 """
@@ -26,7 +27,7 @@ from typing import Any
 
 import dask.config
 import psutil
-from distributed import Client, Scheduler, Security, SpecCluster
+from distributed import Client, Scheduler, Security, SpecCluster, Worker
 from distributed.comm.addressing import parse_address, parse_host_port
 from distributed.comm.registry import get_backend
 from distributed.deploy.spec import ProcessInterface
@@ -44,6 +45,8 @@ __all__ = [
     "connect_cluster",
     "resolve_memory_limit",
     "resource_name",
+    "share_in_process_workers",
+    "start_in_process_cluster",
     "start_local_cluster",
     "stop_local_cluster",
 ]
@@ -262,12 +265,15 @@ def gpu_count() -> int:
 
 
 def _physical(devices: Sequence[int]) -> list[int]:
-    """Group device ranks as ids in this process's CUDA_VISIBLE_DEVICES numbering."""
+    """Group device ranks as ids in this process's CUDA_VISIBLE_DEVICES numbering.
+
+    Devices beyond that list (simulated GPUs) keep their group numbering.
+    """
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         return list(devices)
     ids = [d.strip() for d in visible.split(",") if d.strip()]
-    return [int(ids[d]) if ids[d].isdigit() else d for d in devices]
+    return [int(ids[d]) if d < len(ids) and ids[d].isdigit() else d for d in devices]
 
 
 def rotated_devices(devices: Sequence[int], index: int, per_worker: int) -> str:
@@ -315,6 +321,49 @@ def _gpu_worker_specs(group: ResolvedGroup, simulate: bool) -> dict[str, Any]:
             "cls": WorkerProcess, "options": {"resources": tags, "env": env},
         }
     return specs
+
+
+#: What an in-process worker's executor switches into ``os.environ`` before each job (besides the
+#: component's identity): what a worker process of its own would have in its environment.
+IN_PROCESS_ENV = ("CUDA_VISIBLE_DEVICES", "TWINKLE_GPU", "TWINKLE_GROUP", "TWINKLE_GROUP_INDEX")
+
+
+def _in_process_env(group: ResolvedGroup | None, index: int) -> dict[str, str | None]:
+    """The environment of in-process worker ``index`` of ``group`` (``None``: a worker of another cluster).
+
+    As for a worker process: the group's name and index, and for a
+    (simulated) GPU group ``CUDA_VISIBLE_DEVICES`` rotated as dask-cuda does
+    and ``TWINKLE_GPU=simulated``; other workers keep the driver's
+    ``CUDA_VISIBLE_DEVICES``. ``None`` unsets a variable.
+    """
+    env: dict[str, str | None] = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                  "TWINKLE_GPU": None, "TWINKLE_GROUP": None, "TWINKLE_GROUP_INDEX": None}
+    if group is None:
+        return env
+    env.update(TWINKLE_GROUP=group.name, TWINKLE_GROUP_INDEX=str(index))
+    if group.is_gpu:
+        flat = _physical([d for devs in group.devices for d in devs])
+        env.update(CUDA_VISIBLE_DEVICES=rotated_devices(flat, index, group.gpus_per_worker), TWINKLE_GPU="simulated")
+    return env
+
+
+def share_in_process_workers(client: Client, envs: dict[str, dict[str, str | None]] | None = None) -> list[str]:
+    """Make the workers of ``client`` that live in this process share it (``Executor.share_process``).
+
+    Their component code then runs one job at a time across them, each job
+    with its own worker's environment (``envs``, by worker name; the
+    driver's ``CUDA_VISIBLE_DEVICES`` and no group variables for others) and
+    identity. Returns the addresses of those workers.
+    """
+    envs = envs or {}
+    addresses = set(client.scheduler_info(n_workers=-1)["workers"])
+    shared = []
+    for worker in list(Worker._instances):
+        ext = worker.extensions.get("twinkle")
+        if worker.address in addresses and ext is not None:
+            ext.executor.share_process(envs.get(str(worker.name), _in_process_env(None, 0)))
+            shared.append(worker.address)
+    return sorted(shared)
 
 
 def resolve_memory_limit(value: Any) -> int:
@@ -412,6 +461,7 @@ def start_local_cluster(
     start_timeout: float = 120.0,
     security: Security | bool | None = None,
     memory_limit: int = 0,
+    processes: bool = True,
 ) -> ClusterConnection:
     """Start a scheduler in this process and one worker subprocess per group rank.
 
@@ -421,10 +471,15 @@ def start_local_cluster(
     CPU workers with exactly the environment and tags a GPU worker would get.
     With ``security`` (a ``distributed.Security``, or True for
     ``Security.temporary()``) the scheduler, the workers and every twinkle
-    channel speak TLS.
+    channel speak TLS. With ``processes=False`` the workers run in this
+    process instead (see :func:`start_in_process_cluster`).
     """
     if security is True:
         security = Security.temporary()
+    if not processes:
+        return start_in_process_cluster(groups, dashboard_address=dashboard_address, simulate_gpus=simulate_gpus,
+                                        start_timeout=start_timeout,
+                                        security=security if isinstance(security, Security) else None)
     tls_env: dict[str, str] = {}
     tls_dir = None
     if isinstance(security, Security):
@@ -493,6 +548,85 @@ def start_local_cluster(
             tls_dir.cleanup()
         raise
     return ClusterConnection(client, cluster, placements, owns_client=True, zygote=zygote, tls_dir=tls_dir)
+
+
+def start_in_process_cluster(
+    groups: Sequence[ResolvedGroup],
+    *,
+    dashboard_address: str | None = None,
+    simulate_gpus: bool = False,
+    start_timeout: float = 60.0,
+    security: Security | None = None,
+) -> ClusterConnection:
+    """Start a scheduler and one worker per group rank in this process, for fast tests.
+
+    As ``LocalCluster(processes=False)``: the scheduler and workers talk over
+    ``inproc://`` comms (``tls://`` on localhost with ``security``), workers
+    are named ``<group>-<i>`` and tagged ``twinkle-<group>``. They share this
+    process, so their component code runs one job at a time, each with its
+    worker's own environment switched in: a (simulated) GPU worker ``k`` sees
+    ``CUDA_VISIBLE_DEVICES`` rotated as dask-cuda rotates it and
+    ``TWINKLE_GPU=simulated``. The workers have no memory limit (Dask would
+    measure the whole process against it).
+
+    Raises
+    ------
+    ConfigurationError
+        For a GPU group without ``simulate_gpus`` (in-process workers share
+        one CUDA context, so real GPUs cannot be split between them).
+    """
+    for group in groups:
+        if group.is_gpu and not simulate_gpus:
+            raise ConfigurationError(
+                f"DeviceGroup {group.name!r} is a GPU group, and in-process workers (processes=False) share "
+                f"one CUDA context; pass simulate_gpus=True to run it as CPU workers with the environment a GPU "
+                f"worker would get (for tests), or processes=True for a worker process per GPU"
+            )
+    protocol = "tls://" if security is not None else "inproc://"
+    scheduler = {
+        "cls": Scheduler,
+        "options": {
+            "protocol": protocol,
+            "dashboard": dashboard_address is not None,
+            "dashboard_address": dashboard_address or ":0",
+            **({"host": "127.0.0.1", "port": 0, "security": security} if security is not None else {}),
+        },
+    }
+    workers: dict[str, Any] = {}
+    envs: dict[str, dict[str, str | None]] = {}
+    for group in groups:
+        for index in range(group.num_workers):
+            name = _worker_name(group.name, index)
+            envs[name] = _in_process_env(group, index)
+            workers[name] = {"cls": Worker, "options": {
+                "nthreads": 1, "memory_limit": 0, "resources": {resource_name(group.name): 1},
+                "plugins": {TwinklePlugin()},
+                **({"host": "127.0.0.1", "security": security} if security is not None else {}),
+            }}
+    cluster = SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING,
+                          name="twinkle-dask", asynchronous=False, security=security)
+    try:
+        client = Client(cluster, direct_to_workers=True, set_as_default=True)
+        client.wait_for_workers(len(workers), timeout=start_timeout)
+        share_in_process_workers(client, envs)
+        placements = _placements_by_name(client, groups)
+        _install_scheduler_plugin(client)
+    except BaseException:
+        cluster.close(timeout=10)
+        raise
+    return ClusterConnection(client, cluster, placements, owns_client=True)
+async def use_async_client(connection: ClusterConnection) -> None:
+    """Give an async driver an asynchronous client on its running loop in place of the connection's own.
+
+    The connection's synchronous client (made for a local cluster or an
+    ``address``) is closed; the new one is owned by the session and closed
+    at shutdown.
+    """
+    old = connection.client
+    new = await Client(old.scheduler.address, asynchronous=True, security=old.security,  # type: ignore[union-attr]
+                       direct_to_workers=True, set_as_default=False)
+    connection.client, connection.owns_client = new, True
+    await asyncio.to_thread(old.close, 5)
 
 
 async def _stop_workers(cluster: SpecCluster, grace: float, zygote: Zygote | None) -> None:
@@ -625,6 +759,7 @@ def connect_cluster(
                 f"could not install the twinkle extension on the cluster's workers ({exc}); install "
                 f"twinkle-dask where the workers run, or start them with --preload twinkle_dask.worker"
             ) from exc
+        share_in_process_workers(client)  # those of LocalCluster(processes=False), if any
         placements = map_groups(client, groups, nproc_per_node)
         _install_scheduler_plugin(client)
     except BaseException:

@@ -26,17 +26,32 @@ executor runs the nested calls that arrive meanwhile (:meth:`Executor.wait`).
 So a method calling a component on its own worker runs that call inline, and
 two ranks of a group calling a component whose ranks sit on each other's
 workers do not wait for each other forever.
+
+Workers of an in-process cluster (``LocalCluster(processes=False)``,
+``initialize(..., processes=False)``) share one process, so their executors
+share it too (:meth:`Executor.share_process`): a job of any of them runs
+only while no other in-process worker runs one (one process-wide lock,
+released while a job waits for a call it made), with its worker's own
+environment (``CUDA_VISIBLE_DEVICES``, ``TWINKLE_GPU``, ...) and identity
+switched in, and its rank's random streams installed. Once a job has
+ended the process's environment and random streams are the driver's again
+(its reply can reach the driver a moment earlier: the reply leaves inside
+the job). So component code on in-process worker ``k`` sees what it would
+see in a process of its own, and so does driver code that does not run
+while jobs do.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import os
 import random
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -45,7 +60,7 @@ from .. import identity as _identity
 from .. import reporting, runtime
 from .._seed import seed_on_import
 
-__all__ = ["Executor", "Streams"]
+__all__ = ["Executor", "Streams", "apply_env"]
 
 
 class Streams:
@@ -104,6 +119,22 @@ class Streams:
                 self.cuda = torch.cuda.get_rng_state_all()
 
 
+def _save_streams() -> tuple[Any, ...]:
+    """The process's random streams as they are (random, numpy, torch CPU if imported)."""
+    torch = _torch()
+    return random.getstate(), np.random.get_state(), None if torch is None else torch.get_rng_state()
+
+
+def _restore_streams(saved: tuple[Any, ...]) -> None:
+    """Put back streams from :func:`_save_streams`; torch only if it was imported then."""
+    py, state, torch_state = saved
+    random.setstate(py)
+    np.random.set_state(state)
+    torch = _torch()
+    if torch is not None and torch_state is not None:
+        torch.set_rng_state(torch_state)
+
+
 def _torch() -> Any:
     torch = sys.modules.get("torch")
     return torch if torch is not None and hasattr(torch, "get_rng_state") else None
@@ -114,6 +145,30 @@ def _cuda_ready(torch: Any) -> bool:
     return cuda is not None and bool(cuda.is_initialized())
 
 
+def apply_env(env: Mapping[str, str | None]) -> None:
+    """Set these variables of ``os.environ`` (``None``: unset), touching only those that differ."""
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        elif os.environ.get(key) != value:
+            os.environ[key] = value
+
+
+class _Process:
+    """The process state an executor runs component code in: whose random streams are installed.
+
+    Each worker process's executor has its own; the executors of in-process
+    workers share one, with a lock that one job holds while it runs.
+    """
+
+    def __init__(self) -> None:
+        self.active: Runner | None = None  # whose streams are installed in the process
+        self.lock = threading.Lock()
+
+
+_shared_process = _Process()
+
+
 class Runner(Protocol):
     """What the executor runs jobs for: one component rank (``worker.RankHost``)."""
 
@@ -122,7 +177,8 @@ class Runner(Protocol):
     context: Any
     closed: bool
 
-    def run(self, job: Any) -> None: ...
+    def run(self, job: Any) -> None:
+        """Run ``job``. A job may have ``ready`` (a ``threading.Event``): set once its inputs arrived."""
 
     def left(self) -> None: ...
 
@@ -146,7 +202,13 @@ class Executor:
         self._nested: deque[tuple[Runner, Any]] = deque()
         #: The component ranks whose jobs are running, outermost first (nested calls push).
         self.running: list[Runner] = []
-        self._active: Runner | None = None  # whose streams are installed in the process
+        self._process = _Process()
+        #: The worker's own environment, switched in before each job (``None``: unset the
+        #: variable); ``None`` for a worker with a process of its own (see :meth:`share_process`).
+        self.env: dict[str, str | None] | None = None
+        self._holds = False  # executor thread: whether it holds the shared process's lock
+        self._saved: dict[str, str | None] = {}  # the shared process's environment while no job ran
+        self._saved_streams: tuple[Any, ...] = ()  # and its random streams
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
@@ -173,8 +235,25 @@ class Executor:
 
     def forget(self, runner: Runner) -> None:
         """``runner`` is gone: its streams no longer own the process's (executor thread)."""
-        if self._active is runner:
-            self._active = None
+        if self._process.active is runner:
+            self._process.active = None
+
+    def share_process(self, env: Mapping[str, str | None]) -> None:
+        """This worker shares its process with other workers (an in-process cluster).
+
+        From now on its jobs run one at a time with those of every other
+        executor that shares the process, each with its own worker's ``env``
+        (and identity) switched into ``os.environ``. Call it before the
+        worker's first job.
+
+        Parameters
+        ----------
+        env : mapping of str to str or None
+            The worker's own environment variables (``None``: unset), e.g.
+            its ``CUDA_VISIBLE_DEVICES``.
+        """
+        self.env = dict(env)
+        self._process = _shared_process
 
     # ------------------------------------------------------------------ executor thread
     def _main(self) -> None:
@@ -184,31 +263,64 @@ class Executor:
                     self._cond.wait()
                 item = self._nested.popleft() if self._nested else self._queue.popleft()
             if callable(item):
-                item()
+                item()  # bookkeeping, not component code: it leaves the process's state alone
             else:
                 self._run(*item)
             del item  # nothing of a finished job stays alive until the next one arrives
 
+    def _take(self) -> None:
+        """Wait for the shared process; keep its environment and random streams while no job runs (the driver's)."""
+        assert self.env is not None
+        self._process.lock.acquire()
+        self._holds = True
+        self._saved = {k: os.environ.get(k) for k in (*_identity.ENV_VARS, *self.env)}
+        self._saved_streams = _save_streams()
+
+    def _give(self) -> None:
+        """Put the process's environment and streams back as they were before the job; let another worker run."""
+        process = self._process
+        if process.active is not None:
+            process.active.streams.capture()
+            process.active = None
+        _restore_streams(self._saved_streams)
+        apply_env(self._saved)
+        self._holds = False
+        process.lock.release()
+
+    def _exclusive(self) -> Any:
+        """The shared process's lock, for an executor that shares it; otherwise nothing to take."""
+        if self.env is None:
+            return contextlib.nullcontext()
+        return _Holding(self)
+
     def _run(self, runner: Runner, job: Any) -> None:
-        outer = self.running[-1] if self.running else None
-        self._enter(runner)
-        self.running.append(runner)
-        try:
-            runner.run(job)
-        finally:
-            self.running.pop()
-            if runner not in self.running:
-                runner.left()
-            if outer is not None:
-                self._enter(outer)
+        ready = getattr(job, "ready", None)
+        if ready is not None and self.env is not None:
+            ready.wait()  # inputs may come from a job of another in-process worker: wait without the lock
+        with self._exclusive():
+            outer = self.running[-1] if self.running else None
+            self._enter(runner)
+            self.running.append(runner)
+            try:
+                runner.run(job)
+            finally:
+                self.running.pop()
+                if runner not in self.running:
+                    runner.left()
+                if outer is not None:
+                    self._enter(outer)
 
     def _enter(self, runner: Runner) -> None:
-        # Process-wide state is switched here only, on the one thread that runs component code.
-        if self._active is not runner:
-            if self._active is not None:
-                self._active.streams.capture()
+        # Process-wide state is switched here only, on the one thread that runs component code (of
+        # this worker, or of every in-process worker while it holds the shared lock).
+        process = self._process
+        if process.active is not runner:
+            if process.active is not None:
+                process.active.streams.capture()
             runner.streams.install()
-            self._active = runner
+            process.active = runner
+        if self.env is not None:
+            apply_env(self.env)
         _identity.enter(runner.identity)
         runtime.enter_worker_context(runner.context)
         reporting.bind(runner)
@@ -233,15 +345,37 @@ class Executor:
 
         fut.add_done_callback(wake)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._cond:
-                while not fut.done() and not self._nested:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise concurrent.futures.TimeoutError
-                    self._cond.wait(remaining)
-                if fut.done():
-                    return
-                item = self._nested.popleft()
-            self._run(*item)
-            del item
+        held = self._holds
+        if held:  # other in-process workers run their jobs (perhaps the one awaited) meanwhile
+            self._give()
+        try:
+            while True:
+                with self._cond:
+                    while not fut.done() and not self._nested:
+                        remaining = None if deadline is None else deadline - time.monotonic()
+                        if remaining is not None and remaining <= 0:
+                            raise concurrent.futures.TimeoutError
+                        self._cond.wait(remaining)
+                    if fut.done():
+                        return
+                    item = self._nested.popleft()
+                self._run(*item)
+                del item
+        finally:
+            if held:
+                self._take()
+                if self.running:
+                    self._enter(self.running[-1])
+
+
+class _Holding:
+    """An executor's turn in the process it shares (see :meth:`Executor.share_process`)."""
+
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+
+    def __enter__(self) -> None:
+        self.executor._take()
+
+    def __exit__(self, *exc: object) -> None:
+        self.executor._give()

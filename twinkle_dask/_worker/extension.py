@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import inspect
 import logging
 import os
+import random
 import socket
 import sys
 import threading
@@ -29,6 +31,7 @@ from typing import Any
 from dask.sizeof import sizeof
 from distributed.comm.core import Comm
 from distributed.core import Status
+from distributed.worker import _worker_cvar  # what get_worker() reads: set on the executor thread too
 
 from .. import identity as _identity
 from .. import reporting, runtime
@@ -70,6 +73,9 @@ logger = logging.getLogger(__name__)
 #: How long a fetch waits for a call that has not reached this worker yet.
 ARRIVAL_TIMEOUT = 120.0
 
+#: How long a Dask future's key in a call's arguments may take to reach the scheduler.
+KEY_ARRIVAL_TIMEOUT = 30.0
+
 #: Seconds between a release of results and the trim that gives their memory back (at most one per period).
 TRIM_DELAY = 0.5
 
@@ -83,6 +89,28 @@ def _register_torch_sizeof() -> None:
     @sizeof.register(torch.Tensor)  # type: ignore[untyped-decorator]
     def _sizeof_tensor(t: Any) -> int:
         return int(t.element_size() * t.nelement())
+
+
+#: The random generator Dask's own sampling uses in processes that run components.
+_DASK_RNG = random.Random()
+
+
+def _isolate_dask_sampling() -> None:
+    """Give Dask's sampling a generator of its own, so that it never advances a component rank's streams.
+
+    ``dask.sizeof`` samples large lists and dicts with the global ``random``
+    module, and Dask's comms size every message they write with it; the
+    compression of large frames samples with ``random.randint``. Between and
+    during a rank's jobs the global generator *is* that rank's stream (see
+    :class:`~twinkle_dask._worker.execution.Streams`), so each Dask message the
+    worker sent (a task finishing, a heartbeat) would shift the numbers the
+    rank draws next.
+    """
+    import dask.sizeof
+    import distributed.protocol.compression
+
+    setattr(dask.sizeof, "random", _DASK_RNG)  # noqa: B010  (the module's global name, read at each call)
+    setattr(distributed.protocol.compression, "randint", _DASK_RNG.randint)  # noqa: B010
 
 
 class WorkerContext:
@@ -134,6 +162,42 @@ class WorkerContext:
 
     def track(self, ref: Any, plan: Any = None) -> None:
         self._ext.children.append(ref)
+
+
+class TaskContext(WorkerContext):
+    """The session as a Dask task (or actor) on a worker sees it: a handle passed into the task calls its component.
+
+    Calls go through the worker's caller and collect eagerly, as calls made by
+    component code do; they are not nested (the task is not component code).
+    """
+
+    def __init__(self, ext: TwinkleWorker) -> None:
+        super().__init__(ext, "")
+
+    @property
+    def info(self) -> dict[str, Any]:
+        # The session's groups and seed, as the components on this worker were given them.
+        for host in reversed(list(self._ext.hosts.values())):
+            return host.context.info
+        return self._info
+
+    @info.setter
+    def info(self, value: dict[str, Any]) -> None:
+        self._info = value
+
+
+def _set_worker(worker: Any) -> None:
+    """Make ``worker`` what ``distributed.get_worker()`` returns on the calling thread (the executor's)."""
+    _worker_cvar.set(worker)
+
+
+def _task_context() -> TaskContext | None:
+    """The context of the calling thread if it is a Dask task thread of a worker running twinkle."""
+    worker = _worker_cvar.get(None)
+    if worker is None:
+        return None
+    ext = worker.extensions.get(TwinkleWorker.name)
+    return ext.task_context if isinstance(ext, TwinkleWorker) else None
 
 
 class Job:
@@ -507,7 +571,8 @@ class TwinkleWorker:
         self.ends: set[ServerEnd] = set()
         self.children: list[Any] = []
         #: Counters for tests and benchmarks: results served to other processes.
-        self.stats = {"fetches": 0, "fetch_bytes": 0, "calls": 0, "inline_bytes": 0}
+        self.stats = {"fetches": 0, "fetch_bytes": 0, "calls": 0, "inline_bytes": 0, "dask_fetches": 0,
+                      "dask_local": 0}
         #: Runs the component code of this worker, one job at a time (see twinkle_dask._worker.execution).
         self.executor = Executor(f"twinkle-executor-{worker.name}")
         self._trim_handle: asyncio.TimerHandle | None = None
@@ -516,7 +581,13 @@ class TwinkleWorker:
         self.caller = Caller(self.loop, worker.connection_args, in_worker=True, on_notice=self._on_notice)
         self.caller.block = self.executor.wait
         self.caller.nested = self.executor.on_thread
+        # Component code sees its worker as Dask task code does: get_worker(), get_client().
+        self.executor.call_soon(functools.partial(_set_worker, worker))
+        #: What a Dask task thread on this worker uses to call components (a handle passed into a task).
+        self.task_context = TaskContext(self)
+        runtime.set_task_context(_task_context)
         reporting.route_process_streams()
+        _isolate_dask_sampling()
         self.recorder = CallRecorder(worker, self.loop)
         #: What answers each request, by its type (like ``distributed.Worker.handlers``).
         self.handlers: dict[type, Callable[[int, Any, ServerEnd], None]] = {
@@ -545,7 +616,61 @@ class TwinkleWorker:
         async def request(address: str, msg: Fetch | FetchMeta) -> Reply:
             return await self.caller.request(address, msg)
 
-        return Resolver(self.worker.address, request, self._read_local)
+        return Resolver(self.worker.address, request, self._read_local, self.dask_value)
+
+    async def read_kept(self, cid: str, call_id: int, rank: int) -> Any:
+        """A kept result of component rank ``rank`` here, read in place (for the Dask tasks of ``futures()``)."""
+        host = self.hosts.get(cid)
+        if host is None or host.identity.rank != rank:
+            raise ComponentClosedError(
+                f"rank {rank} of component {cid} is not on worker {self.worker.address}: its worker was lost "
+                f"(or the component closed) after its result was registered with Dask, and Dask reran the "
+                f"task elsewhere; call the component again for a new result"
+            )
+        return await self._read_local(cid, call_id, rank, (), None)
+
+    async def dask_value(self, key: Any) -> Any:
+        """The value of the Dask key ``key``: read in place when this worker holds it, else fetched from a peer.
+
+        A Dask ``Future`` in a component method's arguments arrives as its
+        key; the caller holds the future until the call has answered, so the
+        key stays in the cluster until this fetch is done.
+        """
+        worker = self.worker
+        ts = worker.state.tasks.get(key)
+        if ts is not None and ts.state == "memory" and key in worker.data:
+            self.stats["dask_local"] += 1
+            return worker.data[key]
+        from distributed import Future
+
+        client = worker._get_client()
+        if client.status != "running":
+            await client
+        await self._known_to_scheduler(key)
+        future: Future[Any] = Future(key, client)
+        # Like a future unpickled in a task: ask the scheduler for the key's state (it may still run).
+        client._send_to_scheduler({"op": "client-desires-keys", "keys": [key], "client": client.id})
+        try:
+            value = await client.gather(future, direct=True)
+        finally:
+            future.release()
+        self.stats["dask_fetches"] += 1
+        return value
+
+    async def _known_to_scheduler(self, key: Any) -> None:
+        """Wait until the scheduler knows ``key``: the caller's graph may still be on its way there."""
+        deadline = time.monotonic() + KEY_ARRIVAL_TIMEOUT
+        while True:
+            states = await self.worker.scheduler.get_task_status(keys=[key])
+            if states.get(key) is not None:
+                return
+            if time.monotonic() > deadline:
+                raise LookupError(
+                    f"the Dask future {key!r} passed to a component method is unknown to the scheduler after "
+                    f"{KEY_ARRIVAL_TIMEOUT:.0f} s: it was released or made by another cluster's client; pass a "
+                    f"future of this session's client and keep it until the call returns"
+                )
+            await asyncio.sleep(0.005)
 
     async def _read_local(self, cid: str, call_id: int, index: int, path: tuple[Any, ...], rng: Any) -> Any:
         host = self._host(cid)

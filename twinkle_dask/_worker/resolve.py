@@ -22,7 +22,7 @@ from .._wire.protocol import Fetch, FetchMeta, Reply
 from ..collect import MISSING, collect
 from ..dispatch import Dispatcher
 from ..exceptions import SerializationError
-from ..lazy import KEEP, FetchKey, LazySource, LazyView, Meta, ShardView, plan_view, replace
+from ..lazy import KEEP, DaskInput, FetchKey, LazySource, LazyView, Meta, ShardView, plan_view, replace
 from ..mesh import DeviceMesh
 
 __all__ = ["Resolver", "extract"]
@@ -39,6 +39,7 @@ def extract(value: Any, path: tuple[Any, ...] | list[Any], rng: tuple[int, int] 
 
 LocalRead = Callable[[str, int, int, tuple[Any, ...], Any], Awaitable[Any]]
 SendRequest = Callable[[str, Fetch | FetchMeta], Awaitable[Reply]]
+DaskValue = Callable[[Any], Awaitable[Any]]
 
 
 class Resolver:
@@ -52,12 +53,17 @@ class Resolver:
         ``request(address, msg) -> reply`` over a channel.
     read_local : coroutine function
         ``read_local(cid, call_id, index, path, rng) -> value`` for producers here.
+    dask_value : coroutine function, optional
+        ``dask_value(key) -> value``: the value of a Dask future's key
+        (:class:`~twinkle_dask.lazy.DaskInput`), fetched by this worker.
     """
 
-    def __init__(self, address: str, request: SendRequest, read_local: LocalRead) -> None:
+    def __init__(self, address: str, request: SendRequest, read_local: LocalRead,
+                 dask_value: DaskValue | None = None) -> None:
         self.address = address
         self.request = request
         self.read_local = read_local
+        self.dask_value = dask_value
         self._cache: dict[Any, asyncio.Future[Any]] = {}
 
     # ------------------------------------------------------------------ fetching
@@ -129,13 +135,20 @@ class Resolver:
 
         return await self._once(("w", src.cid, src.call_id), make)
 
+    def dask(self, ref: DaskInput) -> asyncio.Future[Any]:
+        """The value of a Dask future in the arguments (once per key)."""
+        fetch = self.dask_value
+        if fetch is None:
+            raise RuntimeError("this resolver cannot fetch Dask data")
+        return self._once(("d", ref.key), lambda: fetch(ref.key))
+
     # ------------------------------------------------------------------ structures
     async def materialize(self, obj: Any) -> Any:
         """Replace every placeholder and view in ``obj`` with its value."""
         found: list[Any] = []
 
         def note(x: Any) -> Any:
-            if isinstance(x, (LazySource, LazyView)):
+            if isinstance(x, (LazySource, LazyView, DaskInput)):
                 found.append(x)
                 return x
             return KEEP
@@ -145,9 +158,12 @@ class Resolver:
             return obj
         shards: dict[FetchKey, ShardView] = {}
         sources: dict[tuple[str, int], LazySource] = {}
+        refs: dict[Any, DaskInput] = {}
         for x in found:
             if isinstance(x, LazySource):
                 sources[(x.cid, x.call_id)] = x
+            elif isinstance(x, DaskInput):
+                refs[x.key] = x
             else:
                 for shard in x.shards():
                     shards[shard.key] = shard
@@ -157,10 +173,13 @@ class Resolver:
         )
         fetched = dict(zip(keys, fetched_values))
         wholes = dict(zip(sources, await asyncio.gather(*(self.whole(s) for s in sources.values()))))
+        dask_values = dict(zip(refs, await asyncio.gather(*(self.dask(r) for r in refs.values()))))
 
         def fill(x: Any) -> Any:
             if isinstance(x, LazySource):
                 return wholes[(x.cid, x.call_id)]
+            if isinstance(x, DaskInput):
+                return dask_values[x.key]
             if isinstance(x, LazyView):
                 return x.assemble(fetched)
             return KEEP
@@ -187,6 +206,8 @@ class Resolver:
             async def top(v: Any) -> Any:
                 if isinstance(v, LazySource):
                     return await self._view_or_value(v)
+                if isinstance(v, DaskInput):
+                    return await self.dask(v)
                 if dispatcher.inspects == "dicts" and isinstance(v, dict):
                     items = await asyncio.gather(*(top(x) for x in v.values()))
                     new = dict(zip(v.keys(), items))

@@ -6,6 +6,10 @@ rank and a 4-rank MLP trainer whose ranks keep one model in sync by
 all-reducing gradients with torch.distributed (gloo on CPU, nccl on GPUs).
 Each step the dataset's batch goes lazily to the trainer, every rank fetching
 only its ``slice_dp`` share from the data worker, and the mean loss comes back.
+Next to the components, plain Dask computes per-sample weights: the lazy batch
+is handed to an unpinned ``client.submit`` task (the batch moves worker to
+worker, never through the driver), and that task's future goes into the
+trainer's call, each rank fetching it peer to peer and taking its share.
 ``--device cuda`` puts the model group on GPUs.
 """
 
@@ -69,12 +73,16 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9)
 
     @remote_function(dispatch="slice_dp", collect="mean")
-    def forward_backward(self, batch: dict[str, Any]) -> float:
+    def forward_backward(self, batch: dict[str, Any], weights: Any = None) -> float:
         import torch
         import torch.distributed as dist
 
         x, y = batch["x"].to(self.device), batch["y"].to(self.device)
-        loss = torch.nn.functional.cross_entropy(self.model(x), y)
+        if weights is None:
+            loss = torch.nn.functional.cross_entropy(self.model(x), y)
+        else:  # this rank's share of the per-sample weights
+            per_sample = torch.nn.functional.cross_entropy(self.model(x), y, reduction="none")
+            loss = (per_sample * weights.to(self.device)).mean()
         self.optimizer.zero_grad()
         loss.backward()
         for p in self.model.parameters():
@@ -89,6 +97,15 @@ class Trainer:
     @remote_function(dispatch="all", collect="flatten", lazy_collect=False)
     def checksum(self) -> list[float]:
         return [float(sum(p.detach().double().sum().item() for p in self.model.parameters()))]
+
+
+def class_balance_weights(batch: dict[str, Any]) -> Any:
+    """Per-sample weights that give every class of the batch the same total weight (a plain Dask task)."""
+    import torch
+
+    y = batch["y"]
+    counts = torch.bincount(y, minlength=CLASSES).clamp(min=1)
+    return (len(y) / (CLASSES * counts.float()))[y]
 
 
 def _progress(step: int, total: int, loss: float, started: float) -> str:
@@ -129,7 +146,11 @@ def run(argv: list[str] | None = None) -> list[float]:
         started = time.perf_counter()
         interactive = sys.stdout.isatty()
         for step in range(len(dataset)):
-            loss = trainer.forward_backward(dataset.batch(step))
+            batch = dataset.batch(step)
+            # Plain Dask next to the components: an unpinned task fed by the lazy batch; its future
+            # goes into the trainer's call and each rank fetches its share from where the task ran.
+            weights = client.submit(class_balance_weights, batch)
+            loss = trainer.forward_backward(batch, weights)
             trainer.step()
             losses.append(float(loss()))  # type: ignore[operator]
             line = _progress(step + 1, args.steps, losses[-1], started)
