@@ -12,6 +12,9 @@ import _harness  # before anything that could print: it keeps stdout for the pro
 
 _t_import = time.perf_counter()
 import torch  # noqa: E402
+from _timing import timed  # noqa: E402
+from distributed.comm import CommClosedError, connect  # noqa: E402
+from distributed.core import Status  # noqa: E402
 
 import twinkle_dask as twinkle  # noqa: E402
 from twinkle_dask import DeviceGroup, DeviceMesh, remote_class, remote_function  # noqa: E402
@@ -138,6 +141,55 @@ def tensor_sum(shards):
     return float(sum(t.sum(dtype=torch.float64).item() for t in shards))
 
 
+# =============================================================================
+# The floors a twinkle_dask call rides on (twinkle_dask only: op dask_floor)
+# =============================================================================
+
+
+class Ping:
+    """A plain Dask actor: the floor of an actor method call."""
+
+    def noop(self):
+        return None
+
+
+FLOOR_HANDLER = "bench_floor_stream"
+
+
+def _install_floor_handler(dask_worker):
+    """client.run: a handler that echoes every message on a comm it keeps (as twinkle's channels do)."""
+
+    async def floor_stream(comm):
+        try:
+            while True:
+                await comm.write(await comm.read())
+        except CommClosedError:
+            pass
+        return Status.dont_reply
+
+    dask_worker.handlers[FLOOR_HANDLER] = floor_stream
+
+
+async def _open_floor_comm(address, connection_args):
+    comm = await connect(address, **connection_args)
+    await comm.write({"op": FLOOR_HANDLER, "reply": False})
+    return comm
+
+
+async def _comm_round_trips(comm, n):
+    msg = {"i": 0, "x": [1, 2, 3]}
+    times = []
+    for i in range(n):
+        msg["i"] = i
+        t0 = time.perf_counter()
+        await comm.write(msg)
+        got = await comm.read()
+        times.append(time.perf_counter() - t0)
+        if got["i"] != i:
+            raise _harness.OpError(f"comm round trip {i} answered {got!r}")
+    return times
+
+
 class DaskRunner(_harness.Runner):
     def start(self, groups):
         twinkle.initialize(
@@ -190,8 +242,41 @@ class DaskRunner(_harness.Runner):
                 raise _harness.OpError(f"dask_tasks ({fn.__name__}) sums {got!r}, expected {expected!r}")
         return {"times": times, "scatter_times": scatter_times, "mib": mib}
 
+    def op_dask_floor(self, iters=100, rounds=5, warmup=1):
+        """A 1-rank twinkle_dask call against a plain Dask actor call and a bare comm round trip.
+
+        All three go to the same worker (the 1-rank group ``s1``'s), in
+        alternating rounds; ``iters`` samples of each.
+        """
+        if self.groups is None:
+            self.initialize({"s1": 1})
+        self.need_group("s1", 1)
+        bench = self.get("bench@s1")
+        session = twinkle.runtime.process_session()
+        client = session.client
+        address = session.placements["s1"].addresses[0]
+        actor_future = client.submit(Ping, actor=True, workers=[address], allow_other_workers=False, pure=False)
+        actor = actor_future.result()
+        client.run(_install_floor_handler, workers=[address])
+        # The comm lives on the client's event loop; each round trip is timed there.
+        comm = client.sync(_open_floor_comm, address, client.connection_args)
+        out = {"twinkle": [], "actor": [], "comm": []}
+        per = max(1, int(iters) // int(rounds))
+        try:
+            for _ in range(int(rounds)):
+                out["twinkle"] += timed(bench.noop, warmup, per)
+                out["actor"] += timed(lambda: actor.noop().result(), warmup, per)
+                out["comm"] += client.sync(_comm_round_trips, comm, warmup + per)[warmup:]
+        finally:
+            client.sync(comm.close)
+            actor_future.release()
+        return {"times": [], "by_kind": out, "worker": address,
+                "direct_to_workers": bool(client.direct_to_workers)}
+
 
 _harness.OPS["dask_tasks"] = DaskRunner.op_dask_tasks
+_harness.OPS["dask_floor"] = DaskRunner.op_dask_floor
+
 
 if __name__ == "__main__":
     classes = {"bench": Bench, "dataset": Dataset, "consumer": Consumer, "trainer": Trainer}

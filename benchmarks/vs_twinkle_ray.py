@@ -11,7 +11,11 @@ interpreter, ``_runner_twinkle_ray.py`` with the peer venv's), driven over a lin
 workloads alternate between the systems repetition by repetition (the first system alternates
 too), so drifts in machine load hit both alike. Startup is measured in fresh runner processes.
 The table gives medians with the 25th-75th percentile spread and the ratio
-twinkle_dask / Twinkle-Ray (below 1.0: twinkle_dask is faster).
+twinkle_dask / Twinkle-Ray (below 1.0: twinkle_dask is faster). Its last two rows
+hold twinkle_dask against Dask itself, on the worker of a 1-rank group, in
+alternating rounds in the same process: a 1-rank call against a plain Dask
+actor call and against a bare ``distributed.comm`` round trip, the floor of
+the comm a call rides (ratio: twinkle_dask / that baseline).
 """
 
 from __future__ import annotations
@@ -176,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in reply["by_ranks"].items():
                     scaling[name].setdefault(k, []).extend(v)
         print(f"# scaling done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+        # The floors of a call, in the same process and on the same 1-rank group's worker.
+        floor = runners[names[0]].ask("dask_floor", iters=scaling_iters * max(2, reps // 2), rounds=5)["by_kind"]
+        print(f"# dask floors done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     finally:
         for runner in runners.values():
             runner.close()
@@ -203,16 +210,22 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("1", "2", "4", "8"):
         rows.append((f"call cost, {k}-rank group", scaling[base].get(k, []),
                      scaling[peer].get(k, []) if peer else [], 1.0))
+    # Against Dask itself (second column: the Dask baseline, not the peer).
+    rows.append(("1-rank call vs a plain Dask actor call (right: `actor.noop().result()`, same worker)",
+                 floor["twinkle"], floor["actor"], 1.0))
+    rows.append(("1-rank call vs a bare `distributed.comm` round trip (right: write + read on one comm)",
+                 floor["twinkle"], floor["comm"], None))
     header = f"| workload | {base} | {peer or '(no peer)'} | ratio | target |"
     print(header)
     print("|---|---|---|---|---|")
     failures = 0
     for label, a, b, target in rows:
         ratio = _ratio(a, b)
-        verdict = "" if ratio is None else (" ok" if ratio <= target else " MISSED")
+        verdict = "" if ratio is None or target is None else (" ok" if ratio <= target else " MISSED")
         failures += verdict == " MISSED"
         ratio_s = "-" if ratio is None else f"{ratio:.2f}{verdict}"
-        print(f"| {label} | {_fmt(a)} | {_fmt(b)} | {ratio_s} | <= {target} |")
+        target_s = "-" if target is None else f"<= {target}"
+        print(f"| {label} | {_fmt(a)} | {_fmt(b)} | {ratio_s} | {target_s} |")
     ratio = _ratio(dask_tasks["lazy"], dask_tasks["scatter"])
     for label, a in (("4 Dask tasks fed by a lazy 4 x 4 MiB result (futures())", dask_tasks["lazy"]),
                      ("the same tasks fed by client.scatter of the tensors", dask_tasks["scatter"])):
@@ -228,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} cores; {time.perf_counter() - started:.0f} s in all")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(
-            {"times": times, "scaling": scaling, "startup": startup, "extra": extra, "dask_tasks": dask_tasks},
+            {"times": times, "scaling": scaling, "startup": startup, "extra": extra, "dask_tasks": dask_tasks,
+             "dask_floor": floor},
             indent=1))
     return 0
 

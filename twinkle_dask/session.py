@@ -38,6 +38,7 @@ from ._deploy.cluster import (
 from ._seed import seed_everything
 from ._wire.caller import Caller
 from ._wire.protocol import Close, Notice, Output
+from ._wire.serde import register_serializers
 from .exceptions import BlockingCallError, ConfigurationError, WorkerLostError, WorkerRestartError
 from .group import BuildPlan, ComponentRef, create_component
 from .mesh import DeviceGroup, DeviceMesh, resolve_groups
@@ -629,6 +630,7 @@ def initialize(
             f"twinkle_dask.shutdown() first to start again with other groups"
         )
     seed_everything(seed, full_determinism)
+    register_serializers()  # tensors between this driver and the workers, on Dask's comms too
     connect = functools.partial(
         _connect, resolved, address=address, client=client, security=security, nproc_per_node=nproc_per_node,
         dashboard_address=dashboard_address, simulate_gpus=simulate_gpus, memory_limit=memory_bytes,
