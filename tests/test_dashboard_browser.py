@@ -93,8 +93,13 @@ def _bands(png: bytes, rgb: tuple[int, int, int], min_pixels: int = 20) -> list[
     return bands
 
 
-async def _look(ws_url: str, url: str, method: str, ranks: int) -> tuple[dict[str, Any], list[tuple[int, int]]]:
-    """Open ``url``; wait for ``method`` bars in the Task Stream and ``ranks`` rows of them on a screenshot."""
+async def _look(ws_url: str, url: str, method: str, ranks: int,
+                bars: int) -> tuple[dict[str, Any], list[tuple[int, int]]]:
+    """Open ``url``; wait for ``bars`` bars of ``method`` in the Task Stream and ``ranks`` rows of them on a screenshot.
+
+    Calls reach the scheduler in batches (every 0.5 s per worker), so the page
+    is read again until all of them are there, or 30 s passed.
+    """
     ws = await websocket_connect(ws_url, max_message_size=64 << 20)
     ids = iter(range(1, 1 << 30))
 
@@ -116,7 +121,7 @@ async def _look(ws_url: str, url: str, method: str, ranks: int) -> tuple[dict[st
         while time.monotonic() < deadline:
             data = (await call("Runtime.evaluate", expression=TASK_STREAM_JS, returnByValue=True))["result"].get(
                 "value") or {}
-            if data.get("name", []).count(method) >= ranks:
+            if data.get("name", []).count(method) >= bars:
                 shot = await call("Page.captureScreenshot", format="png")
                 bands = _bands(base64.b64decode(shot["data"]), (rgb[0], rgb[1], rgb[2]))
                 if len(bands) >= ranks:
@@ -125,6 +130,11 @@ async def _look(ws_url: str, url: str, method: str, ranks: int) -> tuple[dict[st
         return data, bands
     finally:
         ws.close()
+        try:  # until the closing handshake is done and the socket closed
+            while await asyncio.wait_for(ws.read_message(), 5) is not None:
+                pass
+        except TimeoutError:
+            pass
 
 
 def test_the_task_stream_page_shows_one_row_of_bars_per_rank(browser):
@@ -134,7 +144,7 @@ def test_the_task_stream_page_shows_one_row_of_bars_per_rank(browser):
             echo.sleep(0.3)()
         addresses = echo._twinkle_ref.addresses
         url = client.dashboard_link.replace("/status", "/individual-task-stream")
-        data, bands = asyncio.run(_look(browser, url, "Echo.sleep", ranks=2))
+        data, bands = asyncio.run(_look(browser, url, "Echo.sleep", ranks=2, bars=4))
     rows = {(n, t, y) for n, t, y in zip(data["name"], data["worker_thread"], data["y"]) if n == "Echo.sleep"}
     assert {t for _, t, _ in rows} == {f"{addresses[0]}-Echo-rank0", f"{addresses[1]}-Echo-rank1"}
     assert len({y for _, _, y in rows}) == 2  # one Task Stream row per rank
