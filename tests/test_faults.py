@@ -239,6 +239,36 @@ def test_a_component_calling_a_stopped_worker_gets_the_same_bound():
             _kill_quietly(victim)
 
 
+def test_a_component_calls_a_peer_again_once_it_is_back_after_the_bound():
+    # A peer that was cut off for a while (here: stopped, then continued) and is still registered:
+    # the calling worker declared it lost, and after the same bound it connects to it anew.
+    with local_session(model=1, other=1) as client:
+        relay = Relay(remote_group="model")
+        target = Echo(remote_group="other")
+        assert relay.call(target, "count")() == 1
+        client.run(_set_unresponsive_timeout, "2s", workers=list(relay._twinkle_ref.addresses))
+        victim = target.identity()()["pid"]
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            with pytest.raises(WorkerLostError):
+                relay.call(target, "count")()
+            lost = time.monotonic()
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        with pytest.raises(WorkerLostError):  # at once, within the bound: the peer counts as lost
+            relay.call(target, "count")()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                count = relay.call(target, "count")()
+                break
+            except WorkerLostError:
+                assert time.monotonic() < deadline, "the relay never called its peer again"
+        assert time.monotonic() - lost >= 2.0
+        assert count == 1
+        assert relay.call(target, "identity")()["pid"] == victim  # the same process, continued, not a new one
+
+
 def test_a_stopped_worker_fails_a_construction_within_the_configured_bound():
     with local_session(model=2) as client, dask.config.set({"twinkle-dask.worker-unresponsive-timeout": "3s"}):
         names = _workers_by_name(client)

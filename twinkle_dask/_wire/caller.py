@@ -13,11 +13,13 @@ import concurrent.futures
 import itertools
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from ..exceptions import WorkerLostError
+from .._config import seconds
+from ..exceptions import ConfigurationError, WorkerLostError
 from .channel import Channel, LoopInbox
 from .protocol import Notice, Release, Reply, Request
 
@@ -82,9 +84,22 @@ class Caller:
 
         A lost channel stays lost: requests to a worker that died fail at once
         instead of waiting out a connect timeout. :meth:`joined` clears it when
-        a worker joins at that address again.
+        a worker joins at that address again (the driver learns that from the
+        scheduler). A worker's caller hears nothing of the sort, and the peer
+        may only have been cut off for a while (a link down, a stopped
+        process) and still be registered: there a request made once the
+        channel has been lost for ``twinkle-dask.worker-unresponsive-timeout``
+        connects anew (failing, if the peer is still gone, within Dask's
+        connect timeout).
         """
         ch = self._channels.get(address)
+        if ch is not None and ch.lost is not None and self.in_worker:
+            try:
+                retry_after = seconds("worker-unresponsive-timeout")
+            except ConfigurationError:
+                retry_after = 10.0
+            if time.monotonic() - ch.lost_at >= retry_after:
+                ch = None
         if ch is None:
             ch = Channel(address, self.connection_args, self.on_notice)
             self._channels[address] = ch

@@ -596,6 +596,8 @@ class Channel:
         self.connection_args = connection_args
         self.on_notice = on_notice
         self.lost: BaseException | None = None
+        #: When the channel was lost (``time.monotonic()``).
+        self.lost_at = 0.0
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._queue: list[Entry] = []  # messages sent before the comm is up
@@ -680,6 +682,7 @@ class Channel:
     def _fail(self, exc: BaseException) -> None:
         if self.lost is None:
             self.lost = exc
+            self.lost_at = time.monotonic()
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
