@@ -92,10 +92,10 @@ def unpack(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- wire
-def _encode(batch: list[Entry], copy: bool) -> Pickled:
-    """One batch as one pickle; large buffers (blobs' tensors and arrays) as their own frames.
+def _dump_batch(batch: list[Entry], copy: bool = False) -> tuple[bytes, list[Any]]:
+    """One batch as one pickle and its large buffers (blobs' tensors and arrays), out of band.
 
-    ``copy``: the frames are copied (in-process comms hand over the object itself, and the
+    ``copy``: the buffers are copied (in-process comms hand over the object itself, and the
     receiver must not share memory with the sender's values).
     """
     buffers: list[Any] = []
@@ -107,7 +107,12 @@ def _encode(batch: list[Entry], copy: bool) -> Pickled:
         buffers.append(bytearray(raw) if copy else raw)
         return False
 
-    head = pickle.dumps(batch, protocol=5, buffer_callback=out_of_band)
+    return pickle.dumps(batch, protocol=5, buffer_callback=out_of_band), buffers
+
+
+def _encode(batch: list[Entry], copy: bool) -> Pickled:
+    """One batch for a Dask comm: the pickle in the header, large buffers as the comm's own frames."""
+    head, buffers = _dump_batch(batch, copy)
     return Pickled({"pickled-obj": head}, buffers)
 
 
@@ -287,16 +292,7 @@ _CHUNK = 512 * 1024
 
 def _frame(batch: list[Entry]) -> list[Any]:
     """One batch as length-prefixed frames: count, sizes, the pickle, its large buffers."""
-    buffers: list[Any] = []
-
-    def out_of_band(buf: pickle.PickleBuffer) -> bool:
-        raw = buf.raw()
-        if raw.nbytes <= _IN_BAND:
-            return True
-        buffers.append(raw)
-        return False
-
-    head = pickle.dumps(batch, protocol=5, buffer_callback=out_of_band)
+    head, buffers = _dump_batch(batch)
     frames: list[Any] = [head, *buffers]
     sizes = b"".join(_U64.pack(len(f) if isinstance(f, bytes) else f.nbytes) for f in frames)
     return [_U64.pack(len(frames)), sizes, *frames]
