@@ -219,13 +219,20 @@ def _set_unresponsive_timeout(value):
     dask.config.set({"twinkle-dask.worker-unresponsive-timeout": value})
 
 
+def _relay_and_peer(client, unresponsive_timeout):
+    """A Relay on group 'model' that has called an Echo on group 'other' (its peer), with the relay's worker
+    declaring peers lost after ``unresponsive_timeout``; returns them and the peer's pid."""
+    relay = Relay(remote_group="model")
+    target = Echo(remote_group="other")
+    assert relay.call(target, "count")() == 1
+    client.run(_set_unresponsive_timeout, unresponsive_timeout, workers=list(relay._twinkle_ref.addresses))
+    victim = target.identity()()["pid"]  # one rank: its result, unwrapped
+    return relay, target, victim
+
+
 def test_a_component_calling_a_stopped_worker_gets_the_same_bound():
     with local_session(model=1, other=1) as client:
-        relay = Relay(remote_group="model")
-        target = Echo(remote_group="other")
-        assert relay.call(target, "count")() == 1
-        client.run(_set_unresponsive_timeout, "3s", workers=list(relay._twinkle_ref.addresses))
-        victim = target.identity()()["pid"]  # one rank: its result, unwrapped
+        relay, target, victim = _relay_and_peer(client, "3s")
         os.kill(victim, signal.SIGSTOP)
         try:
             start = time.monotonic()
@@ -243,11 +250,7 @@ def test_a_component_calls_a_peer_again_once_it_is_back_after_the_bound():
     # A peer that was cut off for a while (here: stopped, then continued) and is still registered:
     # the calling worker declared it lost, and after the same bound it connects to it anew.
     with local_session(model=1, other=1) as client:
-        relay = Relay(remote_group="model")
-        target = Echo(remote_group="other")
-        assert relay.call(target, "count")() == 1
-        client.run(_set_unresponsive_timeout, "2s", workers=list(relay._twinkle_ref.addresses))
-        victim = target.identity()()["pid"]
+        relay, target, victim = _relay_and_peer(client, "2s")
         os.kill(victim, signal.SIGSTOP)
         try:
             with pytest.raises(WorkerLostError):

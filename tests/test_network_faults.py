@@ -136,17 +136,23 @@ def split_cluster(tmp_path, request) -> Iterator[Netns]:
         ns.remove()
 
 
+def _sleep_on(cut, address):
+    """Start a long call on ``cut``; return it once the worker at ``address`` has received it."""
+    before = worker_stats()[address]["calls"]
+    running = cut.sleep(60)
+    deadline = time.monotonic() + 10
+    while worker_stats()[address]["calls"] == before:
+        assert time.monotonic() < deadline, "the call did not reach the worker"
+    return running
+
+
 def test_a_worker_cut_off_from_the_network_fails_its_calls_within_the_bound(split_cluster):
     cut = Echo(tag="cut", remote_group="cut")
     ok = Echo(tag="ok", remote_group="ok")
     (address,) = cut._twinkle_ref.addresses
     assert address.startswith(f"tcp://{split_cluster.inner}:")
     with dask.config.set({"twinkle-dask.worker-unresponsive-timeout": "3s"}):
-        before = worker_stats()[address]["calls"]
-        running = cut.sleep(60)
-        deadline = time.monotonic() + 10
-        while worker_stats()[address]["calls"] == before:
-            assert time.monotonic() < deadline, "the call did not reach the worker"
+        running = _sleep_on(cut, address)
         split_cluster.cut()
         start = time.monotonic()
         with pytest.raises(WorkerLostError) as info:
@@ -165,11 +171,7 @@ def test_a_worker_back_on_the_network_is_restarted_by_its_nanny_for_new_componen
     cut = Echo(tag="cut", remote_group="cut")
     (address,) = cut._twinkle_ref.addresses
     with dask.config.set({"twinkle-dask.worker-unresponsive-timeout": "3s"}):
-        before = worker_stats()[address]["calls"]
-        running = cut.sleep(60)
-        deadline = time.monotonic() + 10
-        while worker_stats()[address]["calls"] == before:
-            assert time.monotonic() < deadline, "the call did not reach the worker"
+        running = _sleep_on(cut, address)
         split_cluster.cut()
         with pytest.raises(WorkerLostError):
             running()
