@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "BlockingCallError",
+    "BridgeError",
     "CallTimeoutError",
     "ClusterUnreachableError",
     "ColocationError",
@@ -45,6 +46,7 @@ __all__ = [
     "RemoteError",
     "SerializationError",
     "TwinkleDaskError",
+    "UnsupportedTwinkleError",
     "WorkerLostError",
     "WorkerRestartError",
 ]
@@ -204,6 +206,14 @@ class ColocationError(TwinkleDaskError, RuntimeError):
             f"shared, as the ranks and world size are the same), or build the component in a "
             f"group of its own."
         )
+
+
+class BridgeError(TwinkleDaskError, RuntimeError):
+    """A Twinkle script cannot run on twinkle_dask as written (see :mod:`twinkle_dask.bridge`)."""
+
+
+class UnsupportedTwinkleError(BridgeError, ImportError):
+    """The installed twinkle-kit is not one the bridge was built and tested against."""
 
 
 class BlockingCallError(TwinkleDaskError, RuntimeError):

@@ -39,7 +39,7 @@ from .exceptions import (
     WorkerLostError,
 )
 from .identity import Identity, get_rank, get_world_size
-from .mesh import DeviceMesh
+from .mesh import DeviceMesh, is_mesh
 from .specs import SPEC_ATTR, ClassSpec, MethodSpec, class_spec, method_spec, prepare_init_arguments
 
 __all__ = [
@@ -127,9 +127,12 @@ def _plan(session: Any, klass: type, args: tuple[Any, ...], kwargs: dict[str, An
         picked = list(range(n_workers))[peer_slice(n_workers, get_rank(), get_world_size())]
     args, kwargs, mesh = prepare_init_arguments(klass, args, kwargs, session.global_mesh)
     if cspec.execute == "first":
-        mesh = DeviceMesh.from_sizes(dp_size=1, device_type=place.device_type)
+        if cspec.mesh_type is None:
+            mesh = DeviceMesh.from_sizes(dp_size=1, device_type=place.device_type)
+        else:  # the mesh class the constructor expects (a registered one, e.g. Twinkle's)
+            mesh = cspec.mesh_type.from_sizes(dp_size=1)
         if cspec.mesh_param:
-            args = tuple(a for a in args if not isinstance(a, DeviceMesh))
+            args = tuple(a for a in args if not is_mesh(a))
             kwargs[cspec.mesh_param] = mesh
     n = len(picked)
     if mesh is not None and cspec.execute != "first":

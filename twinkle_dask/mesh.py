@@ -673,3 +673,29 @@ class DeviceMesh:
     def get_dim_group(self, dims: str | Sequence[str]) -> Any:
         """The torch process group along one or more dimensions (collective, cached)."""
         return self.create_process_group((dims,) if isinstance(dims, str) else tuple(dims))
+
+
+# ----------------------------------------------------------------------------- other mesh types
+#: The classes accepted wherever a DeviceMesh is (this module's, plus registered ones).
+_MESH_TYPES: tuple[type, ...] = (DeviceMesh,)
+
+
+def register_mesh_type(cls: type) -> None:
+    """Accept instances of ``cls`` wherever a :class:`DeviceMesh` is accepted.
+
+    For meshes of another library with the same methods (``world_size``,
+    ``data_world_size``, ``get_slice``, ``get_data_rank_from_global_rank``,
+    ``get_pp_last_ranks``), such as Twinkle's own ``twinkle.DeviceMesh``: a
+    component's constructor then receives the object it was given, and
+    dispatch and collect read it by those methods.
+    """
+    global _MESH_TYPES
+    if not isinstance(cls, type):
+        raise ConfigurationError(f"register_mesh_type expects a class, got {cls!r}")
+    if cls not in _MESH_TYPES:
+        _MESH_TYPES = (*_MESH_TYPES, cls)
+
+
+def is_mesh(obj: object) -> bool:
+    """Whether ``obj`` is a :class:`DeviceMesh` or an instance of a registered mesh type."""
+    return isinstance(obj, _MESH_TYPES)

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+import dask
 import numpy as np
 import psutil
 
@@ -41,7 +42,7 @@ from ._wire.protocol import Close, Notice, Output
 from ._wire.serde import register_serializers
 from .exceptions import BlockingCallError, ConfigurationError, WorkerLostError, WorkerRestartError
 from .group import BuildPlan, ComponentRef, create_component
-from .mesh import DeviceGroup, DeviceMesh, resolve_groups
+from .mesh import DeviceGroup, DeviceMesh, is_mesh, resolve_groups
 from .reporting import MetricsLog, show_output
 from .runtime import GroupPlacement, LocalSession
 
@@ -462,7 +463,7 @@ def initialize(
     ncpu_proc_per_node: int | None = None,
     dashboard_address: str | None = "127.0.0.1:8787",
     security: Any = None,
-    simulate_gpus: bool = False,
+    simulate_gpus: bool | None = None,
     memory_limit: Any = "auto",
     processes: bool = True,
     asynchronous: bool | None = None,
@@ -507,11 +508,13 @@ def initialize(
         twinkle channel speak TLS with these certificates (``True`` or
         ``Security.temporary()``: a temporary self-signed set, kept in a
         private folder removed at shutdown).
-    simulate_gpus : bool, default False
+    simulate_gpus : bool, optional
         Run GPU groups of the local cluster as CPU workers that get exactly
         the CUDA_VISIBLE_DEVICES, tags and identity a GPU worker would get
         (for testing placement on a machine without GPUs). Without it, a GPU
-        group on a machine without enough GPUs is an error.
+        group on a machine without enough GPUs is an error. Default: the
+        ``twinkle-dask.simulate-gpus`` setting of ``dask.config`` (false
+        unless set, e.g. ``DASK_TWINKLE_DASK__SIMULATE_GPUS=true``).
     memory_limit : int, str, float or None, default 'auto'
         Memory each worker of the local cluster may use, as Dask's
         ``memory_limit``: ``'auto'`` (the machine's memory shared by its
@@ -571,7 +574,7 @@ def initialize(
     if mode not in MODES:
         hint = " (twinkle_dask runs Twinkle's 'ray' mode on Dask: use mode='dask')" if mode == "ray" else ""
         raise ConfigurationError(f"unknown mode {mode!r}; valid modes are {list(MODES)}{hint}")
-    if global_device_mesh is not None and not isinstance(global_device_mesh, DeviceMesh):
+    if global_device_mesh is not None and not is_mesh(global_device_mesh):
         raise ConfigurationError(f"global_device_mesh must be a DeviceMesh, got {global_device_mesh!r}")
     if notifier is not None and not callable(notifier):
         raise ConfigurationError(f"notifier must be a callable taking a string, got {notifier!r}")
@@ -580,6 +583,9 @@ def initialize(
     seed = check_int(where, "seed", seed)
     check_bool(where, "full_determinism", full_determinism)
     check_str(where, "name", name)
+    if simulate_gpus is None:
+        simulate_gpus = dask.config.get("twinkle-dask.simulate-gpus", False)
+        check_bool("dask.config twinkle-dask", "simulate-gpus", simulate_gpus)
     check_bool(where, "simulate_gpus", simulate_gpus)
     check_bool(where, "processes", processes)
     nproc_per_node = check_count(where, "nproc_per_node", nproc_per_node)

@@ -14,7 +14,7 @@ from typing import Any
 from .collect import Collector, get_collector
 from .dispatch import Dispatcher, get_dispatcher
 from .exceptions import ConfigurationError, ConfigurationTypeError
-from .mesh import DeviceMesh
+from .mesh import DeviceMesh, is_mesh
 
 __all__ = [
     "SPEC_ATTR",
@@ -89,12 +89,15 @@ class ClassSpec:
     """What ``@remote_class`` recorded about a class.
 
     ``mesh_param`` names the ``__init__`` parameter annotated ``DeviceMesh``
-    (None if there is none).
+    (None if there is none); ``mesh_type`` is the mesh class that parameter
+    expects when it is not :class:`DeviceMesh` (the dp=1 mesh of an
+    ``execute='first'`` component is made of that class).
     """
 
     execute: str = "all"
     mesh_param: str | None = None
     max_restarts: int = 0
+    mesh_type: Any = None
 
     def __post_init__(self) -> None:
         _check_choice("remote_class execute", self.execute, CLASS_EXECUTE)
@@ -167,12 +170,12 @@ def prepare_init_arguments(
     """
     spec = getattr(cls, SPEC_ATTR, None)
     mesh_param = spec.mesh_param if isinstance(spec, ClassSpec) else mesh_param_of(cls)
-    mesh = next((a for a in (*args, *kwargs.values()) if isinstance(a, DeviceMesh)), None)
+    mesh = next((a for a in (*args, *kwargs.values()) if is_mesh(a)), None)
     if mesh_param:
         if mesh is None and default_mesh is not None:
             kwargs = {**kwargs, mesh_param: default_mesh}
             mesh = default_mesh
         return args, kwargs, mesh
-    args = tuple(a for a in args if not isinstance(a, DeviceMesh))
-    kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, DeviceMesh)}
+    args = tuple(a for a in args if not is_mesh(a))
+    kwargs = {k: v for k, v in kwargs.items() if not is_mesh(v)}
     return args, kwargs, mesh
