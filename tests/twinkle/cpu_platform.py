@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from twinkle.checkpoint_engine.base import CheckpointEngine
+
 #: Set to '1' by :func:`apply`; inherited by Ray actors through Twinkle's copy of ``os.environ``.
 ENV_FLAG = 'TWINKLE_TEST_CPU_PLATFORM'
 #: How many logical GPUs a local ``ray.init`` declares (``ResourceManager`` needs ``nproc_per_node`` of them).
@@ -112,7 +114,7 @@ def _broadcast(pg: Any, tensor: Any) -> None:
     pg.broadcast([tensor], opts).wait()
 
 
-class GlooCheckpointEngine:
+class GlooCheckpointEngine(CheckpointEngine):
     """Weight sync from trainer rank 0 to the sampler ranks over a private gloo group (CPU tensors).
 
     Same contract as ``twinkle.checkpoint_engine.NCCLCheckpointEngine``: the manager sets ``is_master`` and calls
@@ -233,4 +235,5 @@ class GlooCheckpointEngine:
         for name, shape, dtype_name, offset in meta:
             dtype = getattr(torch, dtype_name)
             size = dtype.itemsize * int(torch.Size(shape).numel())
-            yield name, buffer[offset:offset + size].view(dtype).view(shape)
+            # A copy: a slice at an offset that is no multiple of the item size cannot be viewed as ``dtype``.
+            yield name, buffer[offset:offset + size].clone().view(dtype).view(shape)

@@ -55,9 +55,9 @@ def main() -> None:
     if args.backend == 'dask':
         import twinkle_dask.bridge  # noqa: F401
 
-    from peft import LoraConfig
-
     import twinkle
+    from peft import LoraConfig
+    from toy_sampler import ToySampler, lora_key
     from twinkle import DeviceGroup, DeviceMesh, get_device_placement, get_logger
     from twinkle.advantage import GRPOAdvantage
     from twinkle.checkpoint_engine import CheckpointEngineManager
@@ -70,7 +70,6 @@ def main() -> None:
     from twinkle.processor import InputProcessor
     from twinkle.reward import GSM8KAccuracyReward
     from twinkle.reward.base import Reward
-    from toy_sampler import ToySampler, lora_key
 
     logger = get_logger()
     assets = build_assets(args.assets)

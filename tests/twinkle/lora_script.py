@@ -32,9 +32,8 @@ def main() -> None:
     if args.backend == 'dask':
         import twinkle_dask.bridge  # noqa: F401
 
-    from peft import LoraConfig
-
     import twinkle
+    from peft import LoraConfig
     from twinkle import DeviceGroup, DeviceMesh
     from twinkle.dataloader import DataLoader
     from twinkle.dataset import Dataset, DatasetMeta

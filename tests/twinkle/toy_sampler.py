@@ -24,7 +24,6 @@ import concurrent.futures
 from typing import Any
 
 import numpy as np
-
 from twinkle import DeviceMesh, Platform, remote_class, remote_function
 from twinkle.checkpoint_engine import CheckpointEngineMixin
 from twinkle.data_format import SampledSequence, SampleResponse, SamplingParams
