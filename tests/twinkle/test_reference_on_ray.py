@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
+# ``twinkle.infra``, not ``twinkle``: without twinkle-kit, ``import twinkle`` finds this folder (``tests/`` is on
+# ``sys.path`` under pytest) as a namespace package.
+TWINKLE = 'twinkle.infra'
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -54,7 +57,7 @@ def test_assets_are_deterministic_and_built_once(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_gloo_checkpoint_engine_broadcasts_every_tensor_exactly() -> None:
     torch = pytest.importorskip('torch')
-    pytest.importorskip('twinkle')
+    pytest.importorskip(TWINKLE)
     from cpu_platform import GlooCheckpointEngine
 
     weights = {
@@ -120,7 +123,7 @@ def _run(script: str, assets: Path, out: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_scripts_on_ray_write_identical_results_twice(tmp_path: Path) -> None:
-    for module in ('ray', 'twinkle', 'peft', 'transformers'):
+    for module in ('ray', TWINKLE, 'peft', 'transformers'):
         pytest.importorskip(module)
     assets = tmp_path / 'assets'
 
