@@ -9,9 +9,8 @@ import os
 import sys
 
 import twinkle
-from twinkle import DeviceGroup, DeviceMesh, get_device_placement, initialize, remote_class, remote_function
-
 from early_components import Scaler, Source
+from twinkle import DeviceGroup, DeviceMesh, get_device_placement, initialize, remote_class, remote_function
 
 import twinkle_dask.bridge  # noqa: E402,F401  (the one added line)
 

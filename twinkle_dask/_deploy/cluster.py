@@ -234,6 +234,13 @@ def _worker_env(group: ResolvedGroup, index: int) -> dict[str, str]:
         if var != "MALLOC_TRIM_THRESHOLD_":
             env[str(var)] = str(value)
     env["DASK_DISTRIBUTED__WORKER__DAEMON"] = "False"
+    # As Dask's nanny hands its worker the configuration of the process that started it: settings made
+    # with dask.config.set in the driver (worker preloads, twinkle-dask options) reach the workers too;
+    # DASK_* variables still override them.
+    try:
+        env["DASK_INTERNAL_INHERIT_CONFIG"] = dask.config.serialize(dask.config.global_config)
+    except (TypeError, ValueError) as exc:  # a value that is not JSON: the workers read their own
+        logger.warning("the driver's Dask configuration cannot be passed to the workers: %s", exc)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     return env

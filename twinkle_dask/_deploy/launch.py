@@ -46,6 +46,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _preloads() -> list[str]:
+    """twinkle's worker extension, then the preloads of Dask's configuration (``distributed.worker.preload``).
+
+    A worker given ``preload=`` no longer reads that setting itself, so it is
+    merged here: ``DASK_DISTRIBUTED__WORKER__PRELOAD`` works for the local
+    cluster's workers as for any ``dask worker``.
+    """
+    import dask
+
+    configured = dask.config.get("distributed.worker.preload", None) or []
+    if isinstance(configured, str):
+        configured = [configured]
+    return ["twinkle_dask.worker", *(p for p in configured if p != "twinkle_dask.worker")]
+
+
 def _make_worker(args: argparse.Namespace) -> Any:
     resources = json.loads(args.resources)
     if args.cuda:
@@ -58,7 +73,7 @@ def _make_worker(args: argparse.Namespace) -> Any:
             nthreads=1,
             resources=" ".join(f"{k}={v}" for k, v in resources.items()),
             memory_limit=args.memory_limit,  # bytes; 0 switches the limit off
-            preload=["twinkle_dask.worker"],
+            preload=_preloads(),
             dashboard=False,
             death_timeout=args.death_timeout,
         )
@@ -71,7 +86,7 @@ def _make_worker(args: argparse.Namespace) -> Any:
         nthreads=1,
         resources=resources,
         memory_limit=args.memory_limit,  # bytes; 0 switches the limit off
-        preload=["twinkle_dask.worker"],
+        preload=_preloads(),
         dashboard=False,
         death_timeout=args.death_timeout,
     )

@@ -1,6 +1,14 @@
-"""The Twinkle reference assets, the gloo checkpoint engine, and the two scripts run twice on Ray.
+"""Twinkle's own components on twinkle_dask's bridge give Twinkle-on-Ray's results, bit for bit.
+
+The two scripts here are ordinary Twinkle scripts (LoRA training; the control flow of the cookbook's GRPO
+``main()``); each is run once on Ray and once on the bridge (``--backend dask``: the script adds
+``import twinkle_dask.bridge`` and writes ``mode='dask'``, nothing else), and the ``exact`` trees they write
+(every float as ``float.hex()``, weight digests after every step) must be equal. Also: the assets and the gloo
+checkpoint engine the scripts use.
 
 Needs the Twinkle environment (``source ci/twinkle_env.sh``); each test skips when its packages are missing.
+Twinkle has no CPU platform: the scripts patch it to CPU/gloo (``cpu_platform.py``, tests only), which Ray
+workers apply through a worker setup hook and Dask workers through a preload set in Dask's configuration.
 """
 
 from __future__ import annotations
@@ -112,35 +120,54 @@ def test_gloo_checkpoint_engine_broadcasts_every_tensor_exactly() -> None:
                 assert got.dtype == tensor.dtype and got.shape == tensor.shape and torch.equal(got, tensor), name
 
 
-def _run(script: str, assets: Path, out: Path) -> dict:
+def _run(script: str, backend: str, assets: Path, out: Path) -> dict:
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'}
-    proc = subprocess.run([sys.executable, str(HERE / script), '--backend', 'ray', '--assets', str(assets),
+    if backend == 'dask':
+        # Dask's configuration only: 'GPU' groups as simulated GPU workers, the CPU patch as a worker preload.
+        env.update({'DASK_TWINKLE_DASK__SIMULATE_GPUS': 'true',
+                    'DASK_DISTRIBUTED__WORKER__PRELOAD': '["cpu_platform"]'})
+    proc = subprocess.run([sys.executable, str(HERE / script), '--backend', backend, '--assets', str(assets),
                            '--out', str(out)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1800)
-def test_scripts_on_ray_write_identical_results_twice(tmp_path: Path) -> None:
-    for module in ('ray', TWINKLE, 'peft', 'transformers'):
+def _need_both_backends() -> None:
+    for module in ('ray', TWINKLE, 'peft', 'transformers', 'twinkle_dask.bridge'):
         pytest.importorskip(module)
-    assets = tmp_path / 'assets'
 
-    lora = [_run('lora_script.py', assets, tmp_path / f'lora{i}.json') for i in range(2)]
-    assert lora[0]['exact'] == lora[1]['exact']
-    steps = lora[0]['values']['steps']
+
+@pytest.fixture(scope='module')
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp('twinkle-assets')
+
+
+@pytest.mark.timeout(900)
+def test_lora_training_on_the_bridge_equals_ray(assets: Path, tmp_path: Path) -> None:
+    _need_both_backends()
+    ray_run = _run('lora_script.py', 'ray', assets, tmp_path / 'lora-ray.json')
+    dask_run = _run('lora_script.py', 'dask', assets, tmp_path / 'lora-dask.json')
+    print(f"lora wall time: ray {ray_run['wall_s']} s, dask {dask_run['wall_s']} s")
+    assert dask_run['exact'] == ray_run['exact']
+    steps = dask_run['values']['steps']
     assert len(steps) == 3
     assert all(math.isfinite(step['loss']) and step['loss'] > 0 for step in steps)
-    assert len({step['lora_weights']['sha256'] for step in steps}) == 3
+    assert len({step['lora_weights']['sha256'] for step in steps}) == 3  # LoRA weights moved every step
     assert [step['metric']['iters'] for step in steps] == [0, 1, 2]
-    assert lora[0]['values']['saved'] == 'lora-final'
+    assert dask_run['values']['saved'] == 'lora-final'
 
-    grpo = [_run('grpo_script.py', assets, tmp_path / f'grpo{i}.json') for i in range(2)]
-    assert grpo[0]['exact'] == grpo[1]['exact']
-    values = grpo[0]['values']
+
+@pytest.mark.timeout(900)
+def test_grpo_control_flow_on_the_bridge_equals_ray(assets: Path, tmp_path: Path) -> None:
+    _need_both_backends()
+    ray_run = _run('grpo_script.py', 'ray', assets, tmp_path / 'grpo-ray.json')
+    dask_run = _run('grpo_script.py', 'dask', assets, tmp_path / 'grpo-dask.json')
+    print(f"grpo wall time: ray {ray_run['wall_s']} s, dask {dask_run['wall_s']} s")
+    assert dask_run['exact'] == ray_run['exact']
+    values = dask_run['values']
     assert values['optim_steps'] == 2 and len(values['steps']) == 2
     first, second = values['steps']
+    # The sampler's weights equal the model's after each sync: the base weights, then the LoRA ones.
     assert first['weights_match'] and second['weights_match']
     assert first['syncs'] == [1, 1] and second['syncs'] == [2, 2]
     assert first['model_weights']['count'] == 25 and second['model_weights']['count'] == 28

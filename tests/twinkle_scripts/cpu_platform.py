@@ -18,7 +18,7 @@ on a machine without a GPU:
 
 :func:`apply` is idempotent, imports nothing from the test suite, and also exports ``TWINKLE_TEST_CPU_PLATFORM=1``
 and puts this folder on ``PYTHONPATH``: Twinkle copies the driver's environment into every Ray actor, and a
-Dask worker preload can call ``cpu_platform.apply()`` the same way. Never import this outside tests.
+Dask worker preloads this module (``dask_setup`` calls :func:`apply`). Never import this outside tests.
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ SETUP_HOOK = 'cpu_platform.apply'
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 _applied = False
+
+
+def dask_setup(worker: Any) -> None:
+    """Dask preload hook: ``DASK_DISTRIBUTED__WORKER__PRELOAD='["cpu_platform"]'`` patches every Dask worker."""
+    apply()
 
 
 def apply() -> None:

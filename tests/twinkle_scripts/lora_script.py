@@ -1,6 +1,6 @@
 """LoRA fine-tuning of the tiny Qwen3 on two ranks: an ordinary Twinkle script, recording every step exactly.
 
-Run with ``python tests/twinkle/lora_script.py --backend ray --assets DIR --out lora.json``; ``--backend dask``
+Run with ``python tests/twinkle_scripts/lora_script.py --backend ray --assets DIR --out lora.json``; ``--backend dask``
 runs the same script on twinkle_dask's bridge. Both runs must write the same ``exact`` tree.
 
 Three optimizer steps of ``forward_backward`` + ``clip_grad_and_step`` on a remote DataLoader (the batch goes

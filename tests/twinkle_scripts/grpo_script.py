@@ -1,6 +1,6 @@
 """GRPO on the tiny Qwen3: the control flow of Twinkle's cookbook ``short_math_grpo.py``, on CPU, recorded exactly.
 
-Run with ``python tests/twinkle/grpo_script.py --backend ray --assets DIR --out grpo.json``; ``--backend dask``
+Run with ``python tests/twinkle_scripts/grpo_script.py --backend ray --assets DIR --out grpo.json``; ``--backend dask``
 runs the same script on twinkle_dask's bridge. Both runs must write the same ``exact`` tree.
 
 Differences from the cookbook, all forced by running without a GPU or a model hub: the local tiny model and
@@ -51,6 +51,7 @@ SYSTEM_PROMPT = ('You are a helpful math assistant. Solve the problem with minim
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
+    max_steps = args.steps or MAX_STEPS
     started = time.perf_counter()
     if args.backend == 'dask':
         import twinkle_dask.bridge  # noqa: F401
@@ -137,7 +138,7 @@ def main() -> None:
     model = TransformersModel(model_id=model_id, device_mesh=model_mesh, remote_group='model', mixed_precision='no')
     model.add_adapter_to_model(ADAPTER_NAME, lora_config, gradient_accumulation_steps=1)
     model.set_optimizer('AdamW', lr=LEARNING_RATE)
-    model.set_lr_scheduler('CosineAnnealingLR', T_max=MAX_STEPS, eta_min=0)
+    model.set_lr_scheduler('CosineAnnealingLR', T_max=max_steps, eta_min=0)
     model.set_loss('GRPOLoss', epsilon=0.2)
     model.set_processor(InputProcessor, padding_free=True)
     model.set_template('Template', model_id=model_id)
@@ -167,9 +168,11 @@ def main() -> None:
     logger.info(placement)
     optim_step = 0
     steps: list[dict[str, Any]] = []
-    timing: list[dict[str, Any]] = []
+    timing: dict[str, Any] = {'metrics': [], 'step_s': []}
+    timing['setup_s'] = time.perf_counter() - started
+    last = time.perf_counter()
     for batch in dataloader:
-        if optim_step >= MAX_STEPS:
+        if optim_step >= max_steps:
             break
         metrics.reset()
         expand_prompts = []
@@ -227,7 +230,7 @@ def main() -> None:
             losses.append(outputs['loss'])
             model.clip_grad_and_step()
             optim_step += 1
-            if optim_step >= MAX_STEPS:
+            if optim_step >= max_steps:
                 break
             if optim_step % SAVE_STEPS == 0:
                 model.save(f'math-grpo-checkpoint-{optim_step}', output_dir=output_dir)
@@ -235,7 +238,7 @@ def main() -> None:
         log_dict = metrics.calculate()
         log_dict.update(model.calculate_metric(is_training=True))
         metrics.reset()
-        logger.info(f'[Step {optim_step}/{MAX_STEPS}] {log_dict}')
+        logger.info(f'[Step {optim_step}/{max_steps}] {log_dict}')
         steps.append({
             'weights_match': weights_match,
             'model_weights': model_digest,
@@ -248,7 +251,9 @@ def main() -> None:
             'losses': losses,
             'metrics': deterministic_metric(log_dict),
         })
-        timing.append({k: v for k, v in log_dict.items() if k not in deterministic_metric(log_dict)})
+        timing['metrics'].append({k: v for k, v in log_dict.items() if k not in deterministic_metric(log_dict)})
+        timing['step_s'].append(time.perf_counter() - last)  # the batch's fetch included
+        last = time.perf_counter()
         print(f'[grpo step {optim_step}] weights_match={weights_match} losses={losses} metrics={log_dict}',
               flush=True)
 

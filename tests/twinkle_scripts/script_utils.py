@@ -14,11 +14,12 @@ RESULT_KEYS = ('script', 'backend', 'values', 'exact', 'timing', 'wall_s')
 
 
 def parse_args(description: str) -> argparse.Namespace:
-    """Parse ``--backend ray|dask --assets DIR --out FILE.json``."""
+    """Parse ``--backend ray|dask --assets DIR --out FILE.json [--steps N]``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument('--backend', choices=('ray', 'dask'), default='ray', help='Twinkle mode to run in')
     parser.add_argument('--assets', required=True, help='folder for the tiny model and dataset (built if missing)')
     parser.add_argument('--out', required=True, help='JSON file to write the recorded results to')
+    parser.add_argument('--steps', type=int, default=None, help="optimizer steps (default: the script's own)")
     return parser.parse_args()
 
 
