@@ -198,3 +198,48 @@ def test_gpu_groups_need_gpus_or_the_simulate_setting():
     assert [r["LOCAL_RANK"] for r in ranks] == ["0", "0"]  # one GPU per worker, as one per Ray actor
     assert [r["CUDA_VISIBLE_DEVICES"].split(",")[0] for r in ranks] == ["0", "1"]
     assert all(r["init_draw"] == _ray_actor_draws(7)["init"] for r in ranks)
+
+
+@pytest.fixture
+def plain_dask_cluster(tmp_path):
+    """A ``dask scheduler`` and three plain ``dask worker``s (no preload): an existing cluster."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path]),
+           "DASK_LOGGING__DISTRIBUTED": "warning"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    sched_file = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen([sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1", "--port", "0",
+                               "--no-dashboard", "--scheduler-file", str(sched_file)], env=env)]
+    try:
+        from distributed import Client
+
+        client = Client(scheduler_file=str(sched_file), timeout=60, set_as_default=False)
+        address = client.scheduler.address
+        for i in range(3):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "dask", "worker", address, "--nthreads", "1", "--no-dashboard",
+                 "--no-nanny", "--host", "127.0.0.1", "--name", f"plain-{i}"], env=env))
+        client.wait_for_workers(3, timeout=90)
+        client.close()
+        yield address
+    finally:
+        for proc in reversed(procs):  # workers first, so none waits for a gone scheduler
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.mark.timeout(300)
+def test_twinkle_script_on_an_existing_cluster_from_dask_config(plain_dask_cluster):
+    # Only Dask's own setting points the script at the cluster; the workers have no preload: the
+    # worker plugin that initialize registers installs twinkle's extension and the bridge there.
+    out = _result(_run(env={"DASK_SCHEDULER_ADDRESS": plain_dask_cluster}))
+    expected = _ray_actor_draws(7)
+    assert out["apply"] == [2.0, 4.0, 6.0]
+    assert out["draw"] == expected["draw"]
+    assert all(r["init_draw"] == expected["init"] for r in out["identity"])
+    assert out["batches"] == [[0, 1], [2, 3], [4]]
+    assert out["twinkle_mode"] == "dask"
