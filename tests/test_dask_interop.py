@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from distributed import Future
 
 from twinkle_dask import remote_class, remote_function
 from twinkle_dask._worker.extension import DATA_BYTES
@@ -258,6 +259,31 @@ def test_a_future_cancelled_while_the_call_waits_for_it_fails_the_call_quickly(c
     assert isinstance(info.value, LookupError)
 
 
+def _set_arrival_timeout(value):
+    import dask.config
+
+    dask.config.set({"twinkle-dask.future-arrival-timeout": value})
+    return dask.config.get("twinkle-dask.future-arrival-timeout")
+
+
+def test_a_future_the_scheduler_never_learns_of_fails_the_call_after_the_arrival_timeout(client, parts):
+    from twinkle_dask import runtime
+
+    address = runtime.process_session().placements["consumer"].addresses[0]
+    assert client.run(_set_arrival_timeout, "1s", workers=[address])[address] == "1s"
+    try:
+        unknown = Future("made-up-key-that-no-graph-has", client)
+        start = time.monotonic()
+        with pytest.raises(DaskFutureError, match=r"made-up-key-that-no-graph-has.*unknown to the scheduler after "
+                                                  r"1 s \(twinkle-dask.future-arrival-timeout\)"):
+            parts["consumer"].take(unknown).result(timeout=30)
+        elapsed = time.monotonic() - start
+        print(f"a future unknown to the scheduler failed the call after {elapsed:.2f} s")
+        assert 1.0 <= elapsed < 5
+    finally:
+        client.run(_set_arrival_timeout, "30s", workers=[address])
+
+
 # --------------------------------------------------------------------------- 3: Dask client code in methods
 def test_get_client_submit_result_inside_a_method(client, parts):
     got = parts["producer"].submit_and_wait(7)()
@@ -279,8 +305,8 @@ def test_secede_and_rejoin_inside_a_method_return_at_once(client, parts):
 def test_a_slow_unpickle_of_a_lazy_call_input_leaves_the_worker_loop_answering(client, parts):
     from twinkle_dask import runtime
 
-    lazy = parts["producer"].produce(MIB)  # not inline: a lazy input, resolved by the consumer's worker
-    expected = int(np.asarray(lazy()).size)
+    # not inline and never collected by the driver: a lazy input, resolved by the consumer's worker
+    lazy = parts["producer"].produce(MIB)
     consumer = parts["consumer"]
     address = runtime.process_session().placements["consumer"].addresses[0]
     assert client.run(_unpickling_state, workers=[address])[address] == "idle"
@@ -292,5 +318,5 @@ def test_a_slow_unpickle_of_a_lazy_call_input_leaves_the_worker_loop_answering(c
     still = client.run(_unpickling_state, workers=[address])[address]
     print(f"worker loop answered in {answered * 1000:.1f} ms while an argument was being unpickled")
     assert still == "running" and answered < 0.5
-    assert result() == expected
+    assert result() == int(np.asarray(lazy()).size)
     assert client.run(_unpickling_state, workers=[address])[address] == "done"

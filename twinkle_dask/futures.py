@@ -709,9 +709,6 @@ class LazyResult(Future[Any]):
             raise RuntimeError(f"{info.label}.{info.method}: this result was already released")
         client = _dask_client()
         self._wait(None)
-        if not info.keep:
-            raise RuntimeError(f"{info.label}.{info.method} was called with keep=False: nothing of it is kept on "
-                               f"the workers to make Dask futures of; call it without keep=False")
 
         async def ask(address: str) -> Any:
             return await getattr(client.rpc(address), REGISTER_HANDLER)(cid=info.cid, call_id=info.call_id)
@@ -720,14 +717,14 @@ class LazyResult(Future[Any]):
             return list(await asyncio.gather(*(ask(a) for a in info.addresses), return_exceptions=True))
 
         replies = client.sync(ask_all)
-        futures: list[Future[Any]] = []
+        futures: list[Future[Any] | None] = []
         who_has: dict[str, list[str]] = {}
         nbytes: dict[str, int] = {}
         failed: list[tuple[int, BaseException]] = []
         for slot, (address, reply) in enumerate(zip(info.addresses, replies)):
             if isinstance(reply, BaseException):
                 failed.append((slot, reply))
-                futures.append(None)  # type: ignore[arg-type]  # filled below
+                futures.append(None)  # a task that raises the rank's error, below
                 continue
             key = reply["key"]
             # Made before the scheduler hears of the key: its "key-in-memory" answer then finds them.
@@ -737,14 +734,13 @@ class LazyResult(Future[Any]):
         if who_has:
             client.sync(client.scheduler.update_data, who_has=who_has, nbytes=nbytes, client=client.id)
             for future in futures:
-                state = None if future is None else future._state
-                if state is not None and future.key in who_has:
-                    state.finish()  # in memory now, as Client.scatter marks the futures it makes
+                if future is not None and future._state is not None:
+                    future._state.finish()  # in memory now, as Client.scatter marks the futures it makes
         for slot, exc in failed:
             error = self._rank_error(slot, exc)
             futures[slot] = client.submit(rank_failed, error, pure=False,
                                           key=data_key(info.cid, info.ranks[slot], info.call_id))
-        return tuple(futures)
+        return tuple(f for f in futures if f is not None)
 
     def _rank_error(self, slot: int, exc: BaseException) -> BaseException:
         """The error of rank ``slot``'s future: the call's own error where the rank failed."""

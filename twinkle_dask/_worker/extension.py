@@ -40,6 +40,7 @@ from distributed.worker import _worker_cvar  # what get_worker() reads: set on t
 
 from .. import identity as _identity
 from .. import reporting, runtime
+from .._config import seconds
 from .._keys import DESIRE_HANDLER
 from .._seed import set_determinism
 from .._wire.caller import Caller
@@ -85,9 +86,6 @@ logger = logging.getLogger(__name__)
 
 #: How long a fetch waits for a call that has not reached this worker yet.
 ARRIVAL_TIMEOUT = 120.0
-
-#: How long the scheduler may take to learn of a Dask future's key in a call's arguments (an event, not a poll).
-KEY_ARRIVAL_TIMEOUT = 30.0
 
 #: Kept results larger than this (``dask.sizeof``) are Dask data: managed memory, spilled under the memory
 #: limit. Smaller ones, which travel with the reply anyway, stay out of Dask's state machine, so that a
@@ -754,7 +752,7 @@ class TwinkleWorker:
             The error of the future's task, with a note naming the key.
         DaskFutureError
             The future was cancelled or lost, or the scheduler did not learn
-            of the key within :data:`KEY_ARRIVAL_TIMEOUT` seconds.
+            of the key within ``twinkle-dask.future-arrival-timeout``.
         """
         worker = self.worker
         ts = worker.state.tasks.get(key)
@@ -767,11 +765,12 @@ class TwinkleWorker:
         client = get_client()
         if client.status != "running":
             await client
+        wait = seconds("future-arrival-timeout")
         future: Future[Any] = Future(key, client)  # before the scheduler's answer, so that it finds it
         try:
             try:
                 known = await getattr(worker.scheduler, DESIRE_HANDLER)(key=key, client=client.id,
-                                                                        seconds=KEY_ARRIVAL_TIMEOUT)
+                                                                        seconds=wait)
             except Exception as exc:  # the plugin is not on the scheduler
                 known = exc
             if known is not True and known is not False:
@@ -782,8 +781,8 @@ class TwinkleWorker:
             if not known:
                 raise DaskFutureError(
                     f"the Dask future {key!r} passed to a component method is unknown to the scheduler after "
-                    f"{KEY_ARRIVAL_TIMEOUT:.0f} s: it was released or made by another cluster's client; pass a "
-                    f"future of this session's client and keep it until the call returns"
+                    f"{wait:g} s (twinkle-dask.future-arrival-timeout): it was released or made by another "
+                    f"cluster's client; pass a future of this session's client and keep it until the call returns"
                 )
             try:
                 value = await client.gather(future, direct=True)
