@@ -13,6 +13,7 @@ from dask.utils import key_split
 from distributed import Future, as_completed, futures_of, progress, wait
 
 from twinkle_dask import LazyResult
+from twinkle_dask._worker.store import data_key
 from twinkle_dask.testing import worker_stats
 
 pytestmark = pytest.mark.timeout(120)
@@ -62,7 +63,9 @@ def test_futures_gives_each_ranks_result_on_its_own_worker(cluster, parts):
     futures = lazy.futures()
     assert [type(f) for f in futures] == [Future] * 4
     assert lazy.futures() == futures  # registered once
-    assert {key_split(f.key) for f in futures} == {"Echo.produce"}  # grouped as the call on the dashboard
+    # no copy: each future's key is the one the kept result has in its worker's data store
+    assert [f.key for f in futures] == [data_key(lazy._info.cid, r, lazy._info.call_id) for r in range(4)]
+    assert {key_split(f.key) for f in futures} == {f"twinkle-{lazy._info.group}-Echo"}  # grouped on the dashboard
     assert cluster.gather(futures) == [make_data("list", r) for r in range(4)]
     who_has = cluster.who_has(futures)
     for f, address in zip(futures, lazy._info.addresses):
@@ -99,16 +102,18 @@ def test_futures_keep_the_data_after_the_lazy_result_is_gone_and_release_frees_i
     assert not set(keys) & set(cluster.who_has())
 
 
-def test_futures_of_a_result_dropped_while_its_call_still_runs_get_the_values(cluster, parts):
+def test_futures_of_a_call_still_running_wait_for_it_and_outlive_the_lazy_result(cluster, parts):
     lazy = parts["consumer"].sleep(0.5)
+    start = time.monotonic()
     futures = lazy.futures()
-    assert not any(f.done() for f in futures)
+    assert time.monotonic() - start >= 0.4  # waited for the call
+    assert [f.status for f in futures] == ["finished", "finished"]
     del lazy
     gc.collect()
     assert cluster.gather(futures) == [0.5, 0.5]
     del futures
     gc.collect()
-    assert _poll(lambda: _total("held") == 0), worker_stats()  # released once the Dask tasks had run
+    assert _poll(lambda: _total("held") == 0), worker_stats()
 
 
 def test_submit_on_a_lazy_result_gets_the_collected_value_never_through_the_driver(cluster, parts, driver_gathers):
@@ -117,12 +122,23 @@ def test_submit_on_a_lazy_result_gets_the_collected_value_never_through_the_driv
     total = cluster.submit(np.sum, lazy).result()
     assert total == sum(r * (MIB // 8) for r in range(4))
     assert cluster.submit(len, lazy).result() == 4 * (MIB // 8)
-    # no twinkle fetch anywhere, no rank's value in the driver, only the small sums gathered by the driver
-    assert _total("fetch_bytes") == fetched
+    # the collecting task fetched the ranks' results worker to worker (one rank's may be read in place),
+    # each once; no rank's value reached the driver, only the small sums gathered by the driver
+    moved = _total("fetch_bytes") - fetched
+    assert 3 * MIB <= moved <= 4 * MIB + 4096
     assert not any(o.has_value for o in lazy._outcomes)
-    rank_keys = {f.key for f in lazy.futures()}
-    assert not rank_keys & set(driver_gathers) and lazy.key not in driver_gathers
+    assert lazy._dask.ranks is None  # no per-rank registration unless futures() is asked for
+    assert lazy.key not in driver_gathers
     assert lazy.key in cluster.who_has()
+
+
+def test_submit_after_futures_reads_the_rank_futures_without_any_twinkle_fetch(cluster, parts, driver_gathers):
+    lazy = parts["producer"].big.options(collect="flatten")(MIB)
+    rank_keys = {f.key for f in lazy.futures()}
+    fetched = _total("fetch_bytes")
+    assert cluster.submit(np.sum, lazy).result() == sum(r * (MIB // 8) for r in range(4))
+    assert _total("fetch_bytes") == fetched  # Dask moved the rank data itself
+    assert not rank_keys & set(driver_gathers) and lazy.key not in driver_gathers
 
 
 def test_map_submits_one_task_per_lazy_result(cluster, parts):

@@ -119,8 +119,12 @@ def _install(client: Client) -> None:
         if client in _installed:
             return
         _installed.add(client)
+    from ._keys import KeyArrivalPlugin
+
     try:
         client.register_plugin(ComponentWorkersPlugin(), name=ComponentWorkersPlugin.name)
+        # What lets a component method take a Dask future (see twinkle_dask._keys).
+        client.register_plugin(KeyArrivalPlugin(), name=KeyArrivalPlugin.name)
     except Exception as exc:  # twinkle_dask is not importable where the scheduler runs
         logger.warning("twinkle_dask: cluster.adapt() and Scheduler.workers_to_close may choose workers that "
                        "hold components (%s); install twinkle-dask where the scheduler runs", exc)

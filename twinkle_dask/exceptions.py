@@ -40,6 +40,7 @@ __all__ = [
     "ComponentClosedError",
     "ConfigurationError",
     "ConfigurationTypeError",
+    "DaskFutureError",
     "DispatchError",
     "NotInitializedError",
     "NotRemoteMethodError",
@@ -179,6 +180,13 @@ class WorkerRestartError(TwinkleDaskError, RuntimeError):
 
 class ComponentClosedError(TwinkleDaskError, RuntimeError):
     """A call was made on a component that was closed or whose session ended."""
+
+
+class DaskFutureError(TwinkleDaskError, LookupError):
+    """A Dask future passed to a component method has no value to give: cancelled, lost or unknown to the scheduler.
+
+    (A future whose task failed raises that task's own error instead.)
+    """
 
 
 class ColocationError(TwinkleDaskError, RuntimeError):

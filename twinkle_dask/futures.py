@@ -1,4 +1,30 @@
-"""LazyResult: the value of a remote call that stays on the workers until needed."""
+"""LazyResult: the value of a remote call that stays on the workers until needed.
+
+Its per-rank results become ``distributed.Future`` s only when asked
+(:meth:`LazyResult.futures`, or the LazyResult handed to Dask). The future
+of a rank is the kept result itself, not a copy: its key is the key under
+which the result already sits in the rank's worker's Dask data store
+(:func:`~twinkle_dask._worker.store.data_key`), so managed memory counts it
+once. Registration goes the way ``Client.scatter(..., direct=True)`` makes
+futures of data a worker holds, through public Dask mechanisms only:
+
+1. each rank's worker is asked, through Dask's own RPC (``client.rpc``, the
+   worker handler ``twinkle_register``), to put the result into its data
+   store if it is not there yet (results under 64 KiB are not until then)
+   and to report its key and size;
+2. the driver makes a ``Future(key, client)`` per key and then
+   tells the scheduler, with its client id, that the worker holds it
+   (``Scheduler.update_data(who_has=..., nbytes=..., client=client.id)``,
+   the call scatter makes): the key is the client's from then on, the
+   futures are finished (as scatter marks its own), and the scheduler frees the data on
+   its worker once every future of it is released (Dask's
+   ``client-releases-keys``).
+
+The driver waits for those answers before :meth:`LazyResult.futures`
+returns, so any graph that uses the futures reaches the scheduler after the
+keys did. A failed rank's future is a task that raises the rank's error
+(:func:`~twinkle_dask._worker.dask_data.rank_failed`).
+"""
 
 from __future__ import annotations
 
@@ -24,7 +50,8 @@ from ._wire.caller import Caller
 from ._wire.channel import unpack
 from ._wire.errors import add_note, decode_error
 from ._wire.protocol import ErrorInfo, Fetch, Reply
-from ._worker.dask_data import collect_ranks, kept_result
+from ._worker.dask_data import collect_lazy, collect_ranks, rank_failed
+from ._worker.store import REGISTER_HANDLER, data_key
 from .collect import MISSING, Collector, collect
 from .exceptions import CallTimeoutError, NotInitializedError, SerializationError, WorkerLostError
 from .lazy import LazySource, Meta
@@ -159,14 +186,28 @@ def _no_optimize(dsk: Any, keys: Any, **kwargs: Any) -> Any:
 
 
 class _DaskLink:
-    """A lazy result registered with the Dask scheduler: one future per rank, one for the collected value."""
+    """A lazy result as Dask sees it: one future per rank (``futures()``), one for the collected value."""
 
     __slots__ = ("collected", "ranks")
 
-    def __init__(self, ranks: tuple[Future[Any], ...]) -> None:
-        self.ranks = ranks
+    def __init__(self) -> None:
+        #: Made by ``futures()``: the kept results registered under their data keys.
+        self.ranks: tuple[Future[Any], ...] | None = None
         #: Made when the LazyResult itself is first used as a Dask future.
         self.collected: Future[Any] | None = None
+
+
+class _ReleaseWhenDone:
+    """Releases a kept result once the Dask task that collects it has run (it fetches the ranks' results)."""
+
+    __slots__ = ("args", "caller")
+
+    def __init__(self, caller: Caller, args: tuple[str, int, tuple[str, ...]]) -> None:
+        self.caller, self.args = caller, args
+
+    def __call__(self, _future: Any) -> None:
+        if not self.caller.closed:
+            self.caller.release(*self.args)
 
 
 #: ``packing.args`` is set while this thread packs a component call's arguments (see call.invoke).
@@ -174,22 +215,6 @@ packing = threading.local()
 
 #: Guards the creation of a lazy result's Dask futures (rare: only when a result is handed to Dask).
 _link_lock = threading.Lock()
-
-
-class _ReleaseWhenDone:
-    """Releases a kept result once the Dask tasks that read it in place have run."""
-
-    __slots__ = ("args", "caller", "left", "lock")
-
-    def __init__(self, caller: Caller, args: tuple[str, int, tuple[str, ...]], n: int) -> None:
-        self.caller, self.args, self.left, self.lock = caller, args, n, threading.Lock()
-
-    def __call__(self, _future: Any) -> None:
-        with self.lock:
-            self.left -= 1
-            last = self.left == 0
-        if last and not self.caller.closed:
-            self.caller.release(*self.args)
 
 
 class LazyResult(Future[Any]):
@@ -637,13 +662,16 @@ class LazyResult(Future[Any]):
     def futures(self) -> list[Future[Any]]:
         """One ``distributed.Future`` per rank, in rank order: each rank's result as Dask data on its worker.
 
-        The first call registers the results with the Dask scheduler (a
-        task per rank, pinned to the rank's worker, that takes the kept
-        result in place); later calls return the same futures. They work
-        with every Dask API (``client.submit(fn, f)``, ``client.gather``,
-        ``wait``, ``dask.delayed``) and keep the data alive on their workers
-        for as long as they are held, after this LazyResult is gone too. A
-        failed rank's future raises its error.
+        The first call waits for the call to finish (as :meth:`result`
+        does) and registers the kept results with the Dask scheduler under
+        the keys they already have in their workers' data stores: no copy,
+        no task, managed memory counts each result once. Later calls return
+        the same futures. They work with every Dask API
+        (``client.submit(fn, f)``, ``client.gather``, ``wait``,
+        ``dask.delayed``) and keep the data alive on their workers for as
+        long as they are held, after this LazyResult is gone too; once
+        both are gone, Dask frees the data. A failed rank's future raises
+        its error.
 
         Returns
         -------
@@ -653,8 +681,17 @@ class LazyResult(Future[Any]):
         ------
         NotInitializedError
             Without a running session (no Dask client to register with).
+        CallTimeoutError
+            The call did not finish within its timeout.
         """
-        return list(self._dask_link().ranks)
+        link = self._dask_link()
+        ranks = link.ranks
+        if ranks is None:
+            with self._lock:  # one registration (not _link_lock: it waits for the call)
+                if link.ranks is None:
+                    link.ranks = self._register()
+                ranks = link.ranks
+        return list(ranks)
 
     def _dask_link(self) -> _DaskLink:
         link = self._dask
@@ -662,26 +699,68 @@ class LazyResult(Future[Any]):
             return link
         with _link_lock:
             if self._dask is None:
-                self._dask = _DaskLink(self._register())
+                self._dask = _DaskLink()
             return self._dask
 
     def _register(self) -> tuple[Future[Any], ...]:
-        """The rank futures: a task per rank, on its worker, that waits for the call and takes the kept result."""
+        """The rank futures: each rank's kept result registered under its data key (see the module docstring)."""
         info = self._info
         if info.keep and self._released:
             raise RuntimeError(f"{info.label}.{info.method}: this result was already released")
         client = _dask_client()
-        name = _key_name(info)
-        return tuple(
-            # Loose restriction: rerun after the worker was lost, the task fails elsewhere saying the
-            # component is not there, where a strict one would wait for the gone worker forever.
-            client.submit(kept_result, info.cid, info.call_id, rank, key=(name, rank), workers=[address],
-                          allow_other_workers=True, pure=False)
-            for rank, address in zip(info.ranks, info.addresses)
-        )
+        self._wait(None)
+
+        async def ask(address: str) -> Any:
+            return await getattr(client.rpc(address), REGISTER_HANDLER)(cid=info.cid, call_id=info.call_id)
+
+        async def ask_all() -> list[Any]:
+            return list(await asyncio.gather(*(ask(a) for a in info.addresses), return_exceptions=True))
+
+        replies = client.sync(ask_all)
+        futures: list[Future[Any] | None] = []
+        who_has: dict[str, list[str]] = {}
+        nbytes: dict[str, int] = {}
+        failed: list[tuple[int, BaseException]] = []
+        for slot, (address, reply) in enumerate(zip(info.addresses, replies)):
+            if isinstance(reply, BaseException):
+                failed.append((slot, reply))
+                futures.append(None)  # a task that raises the rank's error, below
+                continue
+            key = reply["key"]
+            # Made before the scheduler hears of the key: its "key-in-memory" answer then finds them.
+            futures.append(Future(key, client))
+            who_has[key] = [address]
+            nbytes[key] = int(reply["nbytes"])
+        if who_has:
+            client.sync(client.scheduler.update_data, who_has=who_has, nbytes=nbytes, client=client.id)
+            for future in futures:
+                if future is not None and future._state is not None:
+                    future._state.finish()  # in memory now, as Client.scatter marks the futures it makes
+        for slot, exc in failed:
+            error = self._rank_error(slot, exc)
+            futures[slot] = client.submit(rank_failed, error, pure=False,
+                                          key=data_key(info.cid, info.ranks[slot], info.call_id))
+        return tuple(f for f in futures if f is not None)
+
+    def _rank_error(self, slot: int, exc: BaseException) -> BaseException:
+        """The error of rank ``slot``'s future: the call's own error where the rank failed."""
+        outcome = self._outcomes[slot]
+        if outcome is not None and not outcome.ok:
+            if outcome.error is not None:
+                return add_note(outcome.error, self._info.where(slot))
+            return decode_error(outcome.info, self._info.where(slot))
+        return exc
 
     def _collected(self) -> Future[Any]:
-        """The collected value as a Dask future: one task, placed by the scheduler, applies the collect."""
+        """The collected value as a Dask future: one task, placed by the scheduler, applies the collect.
+
+        Never waits: Dask asks for this while it builds a graph (with its
+        client's locks held), so it cannot wait for the call or for the
+        scheduler. With the rank futures made already (:meth:`futures`),
+        the task reads them as its dependencies; without, it fetches the
+        ranks' results itself, worker to worker (:func:`collect_lazy`), and
+        this result stays kept until the task has run.
+        """
         link = self._dask_link()
         collected = link.collected
         if collected is not None:
@@ -690,10 +769,16 @@ class LazyResult(Future[Any]):
             if link.collected is None:
                 info = self._info
                 src = self._source()
-                needed = src.needed()
-                link.collected = link.ranks[0].client.submit(
-                    collect_ranks, src, needed, *(link.ranks[i] for i in needed),
-                    key=_key_name(info, ".collect"), pure=False)
+                key = _key_name(info, ".collect")
+                ranks = link.ranks
+                if ranks is not None:
+                    needed = src.needed()
+                    link.collected = ranks[0].client.submit(collect_ranks, src, needed, *(ranks[i] for i in needed),
+                                                            key=key, pure=False)
+                else:
+                    if info.keep and self._released:
+                        raise RuntimeError(f"{info.label}.{info.method}: this result was already released")
+                    link.collected = _dask_client().submit(collect_lazy, src, key=key, pure=False)
             return link.collected
 
     # A Dask future of the collected value: Dask reads these (registration happens on first use).
@@ -772,16 +857,15 @@ class LazyResult(Future[Any]):
         if not self._released:
             self._released = True
             info = self._info
+            args = (info.cid, info.call_id, info.addresses)
             link = self._dask
-            if link is not None:
-                # Dask tasks read the kept results in place: release them once those have run.
-                pending = [f for f in link.ranks if not f.done()]
-                if pending:
-                    done = _ReleaseWhenDone(self._caller, (info.cid, info.call_id, info.addresses), len(pending))
-                    for f in pending:
-                        f.add_done_callback(done)
-                    return
-            self._caller.release(info.cid, info.call_id, info.addresses)
+            collected = None if link is None else link.collected
+            if collected is not None and link is not None and link.ranks is None and not collected.done():
+                # Its task fetches the results from the ranks: release them once it has run.
+                collected.add_done_callback(_ReleaseWhenDone(self._caller, args))
+                return
+            # Registered results stay with their Dask futures (the scheduler frees them); the rest go now.
+            self._caller.release(*args)
 
     def __del__(self) -> None:
         try:

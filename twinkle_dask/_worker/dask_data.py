@@ -1,11 +1,13 @@
-"""Kept results as Dask data: the tasks behind ``LazyResult.futures()`` and a lazy result handed to Dask.
+"""Kept results as Dask data: the tasks behind a lazy result handed to Dask.
 
-A rank's future is an ordinary Dask task pinned to the rank's worker that
-reads the kept result in place (no copy, no serialization): from then on the
-value is in the worker's Dask data store under the future's key, and Dask
-moves it worker to worker like any other task output. The collected value
-is one more task, placed by the scheduler, that applies the call's collect
-strategy to the rank futures it reads.
+A rank's future (``LazyResult.futures()``) is no task: its key is the one the
+kept result already has in the rank's worker's data store, registered with
+the scheduler when asked (see :mod:`twinkle_dask.futures`). What needs a
+task is a failed rank (:func:`rank_failed`, whose future raises the rank's
+error) and the collected value, placed by the scheduler: :func:`collect_ranks`
+applies the call's collect strategy to the rank futures it reads, or, where
+no rank futures were made, :func:`collect_lazy` fetches the ranks' results
+worker to worker as a component's lazy input is.
 """
 
 from __future__ import annotations
@@ -18,22 +20,24 @@ from ..collect import MISSING, collect
 from ..exceptions import ComponentClosedError
 from ..lazy import LazySource
 
-__all__ = ["collect_ranks", "kept_result"]
+__all__ = ["collect_lazy", "collect_ranks", "rank_failed"]
 
 
-async def kept_result(cid: str, call_id: int, rank: int) -> Any:
-    """Dask task (on the rank's worker): the kept result ``call_id`` of rank ``rank`` of component ``cid``.
+def rank_failed(error: BaseException) -> Any:
+    """Dask task: raise the error of a rank whose call failed (its future in ``LazyResult.futures()``)."""
+    raise error
 
-    Waits for the call if it has not finished yet; raises the rank's error if it failed.
-    """
+
+async def collect_lazy(src: LazySource) -> Any:
+    """Dask task (on any worker): the collected value of ``src``, its ranks' results fetched worker to worker."""
     worker = get_worker()
     ext = worker.extensions.get("twinkle")
     if ext is None:
         raise ComponentClosedError(
-            f"worker {worker.address} runs no twinkle extension: rank {rank} of component {cid}, which "
-            f"produced this result, is not there (its worker was lost and Dask reran the task elsewhere)"
+            f"worker {worker.address} runs no twinkle extension, so it cannot fetch the result of {src.label}; "
+            f"start every worker with the twinkle_dask preload or plugin"
         )
-    return await ext.read_kept(cid, call_id, rank)
+    return await ext.resolver().whole(src)
 
 
 def collect_ranks(src: LazySource, needed: list[int], *values: Any) -> Any:

@@ -16,6 +16,7 @@ managed memory and spilled to disk by Dask's memory manager.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import functools
 import inspect
@@ -30,17 +31,21 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+from dask.context import thread_state as task_thread_state  # a task thread's key and start time (Dask's)
 from dask.sizeof import sizeof
 from distributed.comm.core import Comm
 from distributed.core import Status
+from distributed.threadpoolexecutor import thread_state as tpe_thread_state  # what secede()/rejoin() read
 from distributed.worker import _worker_cvar  # what get_worker() reads: set on the executor thread too
 
 from .. import identity as _identity
 from .. import reporting, runtime
+from .._config import seconds
+from .._keys import DESIRE_HANDLER
 from .._seed import set_determinism
 from .._wire.caller import Caller
-from .._wire.channel import STREAM_HANDLER, ServerEnd, can_take_socket, pack, unpack
-from .._wire.errors import decode_error, encode_error
+from .._wire.channel import STREAM_HANDLER, Blob, ServerEnd, can_take_socket, pack, unpack
+from .._wire.errors import add_note, decode_error, encode_error
 from .._wire.protocol import (
     INLINE_ALL,
     INLINE_BYTES,
@@ -63,11 +68,17 @@ from .._wire.protocol import (
 )
 from .._wire.serde import set_cuda_landing
 from ..dashboard import CallRecorder
-from ..exceptions import ColocationError, ComponentClosedError, ConfigurationError, SerializationError
+from ..exceptions import (
+    ColocationError,
+    ComponentClosedError,
+    ConfigurationError,
+    DaskFutureError,
+    SerializationError,
+)
 from ..lazy import Meta
 from .execution import Executor, Streams
 from .resolve import Resolver, extract
-from .store import DataStore, data_key
+from .store import REGISTER_HANDLER, DataStore, data_key
 
 __all__ = ["RankHost", "TwinkleWorker"]
 
@@ -75,9 +86,6 @@ logger = logging.getLogger(__name__)
 
 #: How long a fetch waits for a call that has not reached this worker yet.
 ARRIVAL_TIMEOUT = 120.0
-
-#: How long a Dask future's key in a call's arguments may take to reach the scheduler.
-KEY_ARRIVAL_TIMEOUT = 30.0
 
 #: Kept results larger than this (``dask.sizeof``) are Dask data: managed memory, spilled under the memory
 #: limit. Smaller ones, which travel with the reply anyway, stay out of Dask's state machine, so that a
@@ -195,8 +203,54 @@ class TaskContext(WorkerContext):
 
 
 def _set_worker(worker: Any) -> None:
-    """Make ``worker`` what ``distributed.get_worker()`` returns on the calling thread (the executor's)."""
+    """Make the calling thread (the executor's) look like a task thread of ``worker`` to Dask code.
+
+    ``distributed.get_worker()`` returns ``worker`` there (so ``get_client()``
+    and ``worker_client()`` give its client), and ``secede()`` / ``rejoin()``
+    find a thread pool of the thread's own (:class:`_OwnPool`).
+    """
     _worker_cvar.set(worker)
+    tpe_thread_state.executor = _OwnPool()
+    task_thread_state.start_time = time.time()
+    # Not a task key: the worker's state machine ignores a secede of a key it does not run, and the scheduler
+    # gives the tasks submitted from here no parent task.
+    task_thread_state.key = f"twinkle-component-thread-{worker.name}"
+
+
+class _OwnPool:
+    """What ``distributed.secede()`` and ``rejoin()`` find on the component thread: a pool of its own.
+
+    Component code does not run in the worker's task thread pool, so it
+    holds none of its slots: seceding frees nothing and rejoining waits for
+    nothing, and while the thread waits (``client.gather``, ``future.result()``)
+    the worker keeps running its tasks in every slot. With this stand-in both
+    return at once, so code written for Dask tasks (``secede(); ...;
+    rejoin()``, ``with worker_client() as c:``, ``get_client().submit(...).result()``)
+    runs unchanged in a component method.
+    """
+
+    def __init__(self) -> None:
+        self._threads = _NoThreads()
+        self._rejoin_lock = threading.Lock()
+        self._rejoin_list = _Granted()
+
+    def _adjust_thread_count(self) -> None:
+        pass
+
+    def submit(self, fn: Callable[[], Any]) -> None:
+        pass
+
+
+class _NoThreads:
+    def remove(self, thread: threading.Thread) -> None:
+        pass
+
+
+class _Granted(list[Any]):
+    """``rejoin()``'s queue: every thread that asks to rejoin may go on at once."""
+
+    def append(self, item: Any) -> None:
+        item[1].set()
 
 
 def _task_context() -> TaskContext | None:
@@ -298,17 +352,19 @@ class RankHost:
 
     async def _resolve(self, job: Job) -> None:
         assert job.ready is not None
+        _worker_cvar.set(self.ext.worker)  # this task's context: get_client() finds the worker's client
         try:
             resolver = self.ext.resolver()
             msg = job.msg
             assert msg is not None
-            payload = unpack(msg.payload)
+            # Unpickled off the event loop (see TwinkleWorker.unpack): an import it triggers must not stall the loop.
+            payload = await self.ext.unpack(msg.payload)
             if isinstance(msg, Build):
                 klass, args, kwargs, info = payload
                 args, kwargs = await resolver.materialize((args, kwargs))
                 job.payload = (klass, args, kwargs, info)
             elif msg.remote_dispatch is not None:
-                dispatcher, n, mesh = unpack(msg.remote_dispatch)
+                dispatcher, n, mesh = await self.ext.unpack(msg.remote_dispatch)
                 args, kwargs = payload
                 job.args, job.kwargs = await resolver.remote_dispatch(dispatcher, n, msg.dispatch_slot, mesh,
                                                                       args, kwargs)
@@ -622,6 +678,9 @@ class TwinkleWorker:
                       "dask_local": 0}
         #: Runs the component code of this worker, one job at a time (see twinkle_dask._worker.execution).
         self.executor = Executor(f"twinkle-executor-{worker.name}")
+        #: Unpickles what arrives for the calls (lazy inputs, fetched results) off the event loop: the first
+        #: ``import torch`` an unpickle triggers takes seconds, and the loop must keep answering meanwhile.
+        self.unpickler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"twinkle-unpickle-{worker.name}")
         #: Where kept results live: the worker's Dask data store.
         self.store = DataStore(worker, self.loop)
         self._trim_handle: asyncio.TimerHandle | None = None
@@ -630,6 +689,8 @@ class TwinkleWorker:
         self.caller = Caller(self.loop, worker.connection_args, in_worker=True, on_notice=self._on_notice)
         self.caller.block = self.executor.wait
         self.caller.nested = self.executor.on_thread
+        #: ``LazyResult.futures()`` asks for a kept result's data key through Dask's RPC (``client.rpc``).
+        worker.handlers[REGISTER_HANDLER] = self.register_for_client
         # Component code sees its worker as Dask task code does: get_worker(), get_client().
         self.executor.call_soon(functools.partial(_set_worker, worker))
         #: What a Dask task thread on this worker uses to call components (a handle passed into a task).
@@ -665,61 +726,79 @@ class TwinkleWorker:
         async def request(address: str, msg: Fetch | FetchMeta) -> Reply:
             return await self.caller.request(address, msg)
 
-        return Resolver(self.worker.address, request, self._read_local, self.dask_value)
+        return Resolver(self.worker.address, request, self._read_local, self.dask_value, self.unpack)
 
-    async def read_kept(self, cid: str, call_id: int, rank: int) -> Any:
-        """A kept result of component rank ``rank`` here, read in place (for the Dask tasks of ``futures()``)."""
-        host = self.hosts.get(cid)
-        if host is None or host.identity.rank != rank:
-            raise ComponentClosedError(
-                f"rank {rank} of component {cid} is not on worker {self.worker.address}: its worker was lost "
-                f"(or the component closed) after its result was registered with Dask, and Dask reran the "
-                f"task elsewhere; call the component again for a new result"
-            )
-        return await self._read_local(cid, call_id, rank, (), None)
+    async def unpack(self, packed: Any) -> Any:
+        """``unpack(packed)`` in the unpickling thread, never on the event loop (plain values pass through)."""
+        if not isinstance(packed, Blob):
+            return packed
+        return await self.loop.run_in_executor(self.unpickler, unpack, packed)
 
     async def dask_value(self, key: Any) -> Any:
         """The value of the Dask key ``key``: read in place when this worker holds it, else fetched from a peer.
 
         A Dask ``Future`` in a component method's arguments arrives as its
         key; the caller holds the future until the call has answered, so the
-        key stays in the cluster until this fetch is done.
+        key stays in the cluster until this fetch is done. The worker's own
+        client (``distributed.get_client()``) makes a future of the key; the
+        scheduler makes that client want it as soon as it knows the key (the
+        graph that made it may still be on its way from the caller: see
+        :mod:`twinkle_dask._keys`, no polling), and ``Client.gather`` fetches
+        the value from the worker holding it, as a task's dependency is.
+
+        Raises
+        ------
+        Exception
+            The error of the future's task, with a note naming the key.
+        DaskFutureError
+            The future was cancelled or lost, or the scheduler did not learn
+            of the key within ``twinkle-dask.future-arrival-timeout``.
         """
         worker = self.worker
         ts = worker.state.tasks.get(key)
         if ts is not None and ts.state == "memory" and key in worker.data:
             self.stats["dask_local"] += 1
             return worker.data[key]
-        from distributed import Future
+        from distributed import Future, get_client
+        from distributed.client import FutureCancelledError
 
-        client = worker._get_client()
+        client = get_client()
         if client.status != "running":
             await client
-        await self._known_to_scheduler(key)
-        future: Future[Any] = Future(key, client)
-        # Like a future unpickled in a task: ask the scheduler for the key's state (it may still run).
-        client._send_to_scheduler({"op": "client-desires-keys", "keys": [key], "client": client.id})
+        wait = seconds("future-arrival-timeout")
+        future: Future[Any] = Future(key, client)  # before the scheduler's answer, so that it finds it
         try:
-            value = await client.gather(future, direct=True)
+            try:
+                known = await getattr(worker.scheduler, DESIRE_HANDLER)(key=key, client=client.id,
+                                                                        seconds=wait)
+            except Exception as exc:  # the plugin is not on the scheduler
+                known = exc
+            if known is not True and known is not False:
+                raise DaskFutureError(
+                    f"the Dask future {key!r} passed to a component method cannot be fetched: the scheduler has "
+                    f"no {DESIRE_HANDLER!r} handler ({known!r}); install twinkle-dask where the scheduler runs"
+                )
+            if not known:
+                raise DaskFutureError(
+                    f"the Dask future {key!r} passed to a component method is unknown to the scheduler after "
+                    f"{wait:g} s (twinkle-dask.future-arrival-timeout): it was released or made by another "
+                    f"cluster's client; pass a future of this session's client and keep it until the call returns"
+                )
+            try:
+                value = await client.gather(future, direct=True)
+            except FutureCancelledError:  # the key was cancelled or lost
+                raise DaskFutureError(
+                    f"the Dask future {key!r} passed to a component method was cancelled before its value "
+                    f"could be fetched (client.cancel, or its data was lost with its worker); submit it again"
+                ) from None
+            except DaskFutureError:
+                raise
+            except Exception as exc:  # the task's own error
+                raise add_note(exc, f"raised by the Dask future {key!r} passed to a component method") from None
         finally:
             future.release()
         self.stats["dask_fetches"] += 1
         return value
-
-    async def _known_to_scheduler(self, key: Any) -> None:
-        """Wait until the scheduler knows ``key``: the caller's graph may still be on its way there."""
-        deadline = time.monotonic() + KEY_ARRIVAL_TIMEOUT
-        while True:
-            states = await self.worker.scheduler.get_task_status(keys=[key])
-            if states.get(key) is not None:
-                return
-            if time.monotonic() > deadline:
-                raise LookupError(
-                    f"the Dask future {key!r} passed to a component method is unknown to the scheduler after "
-                    f"{KEY_ARRIVAL_TIMEOUT:.0f} s: it was released or made by another cluster's client; pass a "
-                    f"future of this session's client and keep it until the call returns"
-                )
-            await asyncio.sleep(0.005)
 
     async def _read_local(self, cid: str, call_id: int, index: int, path: tuple[Any, ...], rng: Any) -> Any:
         host = self._host(cid)
@@ -784,6 +863,22 @@ class TwinkleWorker:
         host.registered.add(call_id)
         return outcome.key
 
+    async def register_for_client(self, cid: str, call_id: int) -> dict[str, Any]:
+        """Dask RPC handler ``twinkle_register``: :meth:`register`, for a client that makes futures of the key.
+
+        The client then tells the scheduler, with its own id, that this worker
+        holds the key (``Scheduler.update_data``, as ``Client.scatter``
+        does); this worker stops reporting the key itself.
+
+        Returns
+        -------
+        dict
+            ``{"key": key, "nbytes": size Dask counts for it}``.
+        """
+        key = await self.register(cid, call_id)
+        await self.store.claim(key)
+        return {"key": key, "nbytes": self.nbytes(key)}
+
     def nbytes(self, key: str) -> int:
         """The size Dask counts for data ``key`` of this worker (what ``scheduler.update_data`` wants)."""
         ts = self.worker.state.tasks.get(key)
@@ -822,6 +917,7 @@ class TwinkleWorker:
     async def close(self) -> None:
         """Dask calls this when the worker closes: end every channel served here."""
         await asyncio.gather(*(end.close() for end in list(self.ends)), return_exceptions=True)
+        self.unpickler.shutdown(wait=False)
 
     def _on_channel_closed(self, end: ServerEnd) -> None:
         # The caller that built these components went away (its process exited): free them.

@@ -56,14 +56,18 @@ class Resolver:
     dask_value : coroutine function, optional
         ``dask_value(key) -> value``: the value of a Dask future's key
         (:class:`~twinkle_dask.lazy.DaskInput`), fetched by this worker.
+    unpack : coroutine function, optional
+        ``unpack(packed) -> value``: unpickles a fetched result off the event
+        loop (in-line :func:`~twinkle_dask._wire.channel.unpack` without it).
     """
 
     def __init__(self, address: str, request: SendRequest, read_local: LocalRead,
-                 dask_value: DaskValue | None = None) -> None:
+                 dask_value: DaskValue | None = None, unpack: DaskValue | None = None) -> None:
         self.address = address
         self.request = request
         self.read_local = read_local
         self.dask_value = dask_value
+        self.unpack = unpack
         self._cache: dict[Any, asyncio.Future[Any]] = {}
 
     # ------------------------------------------------------------------ fetching
@@ -76,7 +80,7 @@ class Resolver:
         if not reply.ok:
             raise decode_error(reply.error, f"input produced by {src.label} on rank {index} ({address})")
         try:
-            return unpack(reply.value)
+            return unpack(reply.value) if self.unpack is None else await self.unpack(reply.value)
         except Exception as exc:
             raise SerializationError(
                 f"the input produced by {src.label} on rank {index} ({address}) cannot be deserialized on "

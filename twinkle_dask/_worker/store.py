@@ -20,7 +20,8 @@ memory on the dashboard, ``WorkerState.nbytes``) counts it from then on, and
 forgets it when the worker frees the key. Results handed on within that time
 (a hand-off) cost the scheduler nothing. Making a result the scheduler's to
 free, for a ``distributed.Future`` of it, is
-:meth:`~twinkle_dask._worker.extension.TwinkleWorker.register`'s job.
+:meth:`~twinkle_dask._worker.extension.TwinkleWorker.register`'s job; the
+store then stops reporting that key itself (:meth:`DataStore.claim`).
 
 Puts and frees made during one turn of the worker's event loop reach the state
 machine together, as one event each (results of short calls finish many to a
@@ -39,9 +40,13 @@ from typing import Any, Protocol
 from dask.typing import Key
 from distributed.worker_state_machine import FreeKeysEvent, UpdateDataEvent
 
-__all__ = ["REPORT_AFTER", "DataStore", "data_key"]
+__all__ = ["REGISTER_HANDLER", "REPORT_AFTER", "DataStore", "data_key"]
 
 logger = logging.getLogger(__name__)
+
+#: The worker's Dask RPC handler that registers a kept result for a client
+#: (``TwinkleWorker.register_for_client``; ``LazyResult.futures()`` calls it through ``client.rpc``).
+REGISTER_HANDLER = "twinkle_register"
 
 #: Seconds a kept result stays unknown to the scheduler (it is told about it 1 to 2 times this after it was kept).
 REPORT_AFTER = 0.5
@@ -99,6 +104,8 @@ class DataStore:
         #: Keys in the report on its way to the scheduler: freeing them waits for its answer.
         self._reporting: set[str] = set()
         self._free_after_report: list[str] = []
+        #: Set when the report on its way to the scheduler has been answered (see :meth:`claim`).
+        self._report_waiters: list[asyncio.Future[None]] = []
         self._report_timer: asyncio.TimerHandle | None = None
 
     def put(self, outcome: Stored) -> None:
@@ -137,6 +144,19 @@ class DataStore:
         if outcome.key in self._puts:
             self.flush()
         return outcome.stored and outcome.key in self.worker.data
+
+    async def claim(self, key: str) -> None:
+        """Stop reporting ``key``: whoever registers it with the scheduler (with a client) does.
+
+        Returns once no report of this store that names ``key`` is still on
+        its way, so the registration reaches the scheduler after it.
+        """
+        self._young.discard(key)
+        self._old.discard(key)
+        while key in self._reporting:
+            waiter: asyncio.Future[None] = self.loop.create_future()
+            self._report_waiters.append(waiter)
+            await waiter
 
     def _schedule(self) -> None:
         if not self._scheduled:
@@ -201,6 +221,10 @@ class DataStore:
             logger.debug("twinkle: could not report %d kept results to the scheduler: %s", len(nbytes), exc)
         finally:
             self._reporting.difference_update(nbytes)
+            waiters, self._report_waiters = self._report_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
             freed = [key for key in self._free_after_report if key in nbytes]
             if freed:
                 self._free_after_report = [key for key in self._free_after_report if key not in nbytes]
