@@ -12,16 +12,18 @@ policy group's workers, never collected in the driver), ``DPOLoss`` (``loss_type
 ``beta=0.1``, ``sft_weight=1.0``), ``DPOMetric``, ``clip_grad_and_step``, ``calculate_metric``, ``save`` every
 ``SAVE_STEPS`` and at the end, and ``get_device_placement``.
 
-Differences from the cookbook, all forced by running without a GPU or a model hub: the local tiny model and
-dataset (``assets.py``), float32 (``mixed_precision='no'``), a data-parallel policy mesh (the cookbook's
-``fsdp_size=2, dp_size=2`` needs four ranks), a larger learning rate (so the two-decimal DPO metrics move in three
-steps), and the preference pairs: ``GSM8KPairProcessor`` (``EmojiDPOProcessor`` on the GSM8K-like rows) takes the
-question as the prompt, the worked answer as the chosen response and a wrong one (the first line, then a final
-answer off by ten) as the rejected response.
+Differences from the cookbook. Forced by running without a GPU or a model hub: the local tiny model and dataset
+(``assets.py``), float32 (``mixed_precision='no'``), two ranks per group with a data-parallel policy mesh as in
+the other scripts here (the cookbook's ``fsdp_size=2, dp_size=2`` is for four), and the preference pairs:
+``GSM8KPairProcessor`` (``EmojiDPOProcessor`` on the GSM8K-like rows) takes the question as the prompt, the
+worked answer as the chosen response and a wrong one (its first line, then a final answer off by ten) as the
+rejected response. Chosen for a short run: 4 pairs per step, 3 steps, a checkpoint at step 2, ``max_length=512``,
+and a learning rate of 1e-3 (the cookbook's 1e-5 would not move the two-decimal DPO metrics in three steps).
 
 Per step it records the loss returned by ``forward_backward``, ``calculate_metric(is_training=True)`` (the DPO
-metrics, reference log-probabilities included) and the SHA-256 of the policy's weights after the optimizer step, whether the reference outputs stayed lazy (never
-collected in the driver), and the SHA-256 of the final checkpoint's ``model.safetensors``.
+metrics, reference log-probabilities included), the SHA-256 of the policy's weights after the optimizer step and
+whether the reference outputs stayed lazy (never collected in the driver); at the end, the SHA-256 of the final
+checkpoint's ``model.safetensors``.
 """
 
 from __future__ import annotations
@@ -194,8 +196,9 @@ def main() -> None:
     saved = saved() if callable(saved) else saved
     final = sorted(os.listdir(os.path.join(output_dir, 'dpo-final-checkpoint')))
     saved_digest = tensor_digest(load_file(os.path.join(output_dir, 'dpo-final-checkpoint', 'model.safetensors')))
-    values = {'initial_weights': initial_digest, 'steps': steps, 'optim_steps': optim_step, 'saved': os.path.basename(str(saved)),
-              'saved_files': final, 'saved_weights': saved_digest, 'placement': placement}
+    values = {'initial_weights': initial_digest, 'steps': steps, 'optim_steps': optim_step,
+              'saved': os.path.basename(str(saved)), 'saved_files': final, 'saved_weights': saved_digest,
+              'placement': placement}
     result = write_result(args.out, 'dpo', args.backend, values, started, timing=timing)
     print(f'wrote {args.out} in {result["wall_s"]} s', flush=True)
 
