@@ -1,9 +1,10 @@
 """Twinkle's own components on twinkle_dask's bridge give Twinkle-on-Ray's results, bit for bit.
 
-The two scripts here are ordinary Twinkle scripts (LoRA training; the control flow of the cookbook's GRPO
-``main()``); each is run once on Ray and once on the bridge (``--backend dask``: the script adds
-``import twinkle_dask.bridge`` and writes ``mode='dask'``, nothing else), and the ``exact`` trees they write
-(every float as ``float.hex()``, weight digests after every step) must be equal. Also: the assets and the gloo
+The three scripts here are ordinary Twinkle scripts (LoRA training; the control flow of the cookbook's GRPO
+``main()``; the control flow of the cookbook's DPO ``main()``); each is run once on Ray and once on the bridge
+(``--backend dask``: the script adds ``import twinkle_dask.bridge`` and writes ``mode='dask'``, nothing else),
+and the ``exact`` trees they write (every float as ``float.hex()``, weight digests after every step) must be
+equal. Also: the assets and the gloo
 checkpoint engine the scripts use.
 
 Needs the Twinkle environment (``source ci/twinkle_env.sh``); each test skips when its packages are missing.
@@ -176,3 +177,35 @@ def test_grpo_control_flow_on_the_bridge_equals_ray(assets: Path, tmp_path: Path
         assert all(len(t) == len(lp) for t, lp in zip(step['tokens'], step['old_logps']))
         assert len(step['losses']) == 1 and math.isfinite(step['losses'][0])
     assert 'adapter_model.safetensors' in values['saved_files']
+
+
+@pytest.mark.timeout(900)
+def test_dpo_control_flow_on_the_bridge_equals_ray(assets: Path, tmp_path: Path) -> None:
+    _need_both_backends()
+    ray_run = _run('dpo_script.py', 'ray', assets, tmp_path / 'dpo-ray.json')
+    dask_run = _run('dpo_script.py', 'dask', assets, tmp_path / 'dpo-dask.json')
+    print(f"dpo wall time: ray {ray_run['wall_s']} s, dask {dask_run['wall_s']} s")
+    assert dask_run['exact'] == ray_run['exact']
+    values = dask_run['values']
+    steps = values['steps']
+    assert values['optim_steps'] == 3 and len(steps) == 3
+    for step in steps:
+        assert (step['pairs'], step['sequences']) == (4, 8)
+        assert math.isfinite(step['loss']) and step['loss'] > 0
+        # The reference outputs went from the reference group's workers to the policy's, not through the driver.
+        assert step['ref_outputs_lazy'] and not step['ref_outputs_collected_in_driver']
+        assert step['metric']['loss'] == f"{step['loss']:.4f}"
+    # The policy's weights moved every step, away from the initial ones; the final checkpoint holds the last ones.
+    digests = [values['initial_weights']['sha256']] + [step['policy_weights']['sha256'] for step in steps]
+    assert len(set(digests)) == 4
+    assert values['saved_weights'] == steps[-1]['policy_weights']
+    assert steps[-1]['policy_weights']['count'] == 25
+    # Step 1: the policy still equals the reference, so the reference log-probabilities reached the right ranks
+    # for the right sequences exactly when the DPO rewards are zero; afterwards the chosen answers gain.
+    first = steps[0]['metric']
+    assert (first['logps/ref_chosen'], first['logps/ref_rejected']) == (first['logps/chosen'], first['logps/rejected'])
+    assert first['rewards/margins'] == '0.0000' and first['rewards/accuracies'] == '0.0%'
+    assert all(float(step['metric']['rewards/margins']) > 0 for step in steps[1:])
+    assert [step['metric']['iters'] for step in steps] == [0, 1, 2]
+    assert [step['saved'] for step in steps] == [None, 'dpo-checkpoint-2', None]
+    assert values['saved'] == 'dpo-final-checkpoint' and 'model.safetensors' in values['saved_files']
