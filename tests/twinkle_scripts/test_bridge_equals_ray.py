@@ -138,6 +138,16 @@ def _need_both_backends() -> None:
         pytest.importorskip(module)
 
 
+def _on_both_backends(name: str, assets: Path, tmp_path: Path) -> dict:
+    """Run ``<name>_script.py`` on Ray, then on the bridge; their ``exact`` trees must be equal. The bridge's run."""
+    _need_both_backends()
+    ray_run = _run(f'{name}_script.py', 'ray', assets, tmp_path / f'{name}-ray.json')
+    dask_run = _run(f'{name}_script.py', 'dask', assets, tmp_path / f'{name}-dask.json')
+    print(f"{name} wall time: ray {ray_run['wall_s']} s, dask {dask_run['wall_s']} s")
+    assert dask_run['exact'] == ray_run['exact']
+    return dask_run
+
+
 @pytest.fixture(scope='module')
 def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp('twinkle-assets')
@@ -145,11 +155,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.timeout(900)
 def test_lora_training_on_the_bridge_equals_ray(assets: Path, tmp_path: Path) -> None:
-    _need_both_backends()
-    ray_run = _run('lora_script.py', 'ray', assets, tmp_path / 'lora-ray.json')
-    dask_run = _run('lora_script.py', 'dask', assets, tmp_path / 'lora-dask.json')
-    print(f"lora wall time: ray {ray_run['wall_s']} s, dask {dask_run['wall_s']} s")
-    assert dask_run['exact'] == ray_run['exact']
+    dask_run = _on_both_backends('lora', assets, tmp_path)
     steps = dask_run['values']['steps']
     assert len(steps) == 3
     assert all(math.isfinite(step['loss']) and step['loss'] > 0 for step in steps)
@@ -160,11 +166,7 @@ def test_lora_training_on_the_bridge_equals_ray(assets: Path, tmp_path: Path) ->
 
 @pytest.mark.timeout(900)
 def test_grpo_control_flow_on_the_bridge_equals_ray(assets: Path, tmp_path: Path) -> None:
-    _need_both_backends()
-    ray_run = _run('grpo_script.py', 'ray', assets, tmp_path / 'grpo-ray.json')
-    dask_run = _run('grpo_script.py', 'dask', assets, tmp_path / 'grpo-dask.json')
-    print(f"grpo wall time: ray {ray_run['wall_s']} s, dask {dask_run['wall_s']} s")
-    assert dask_run['exact'] == ray_run['exact']
+    dask_run = _on_both_backends('grpo', assets, tmp_path)
     values = dask_run['values']
     assert values['optim_steps'] == 2 and len(values['steps']) == 2
     first, second = values['steps']
@@ -181,11 +183,7 @@ def test_grpo_control_flow_on_the_bridge_equals_ray(assets: Path, tmp_path: Path
 
 @pytest.mark.timeout(900)
 def test_dpo_control_flow_on_the_bridge_equals_ray(assets: Path, tmp_path: Path) -> None:
-    _need_both_backends()
-    ray_run = _run('dpo_script.py', 'ray', assets, tmp_path / 'dpo-ray.json')
-    dask_run = _run('dpo_script.py', 'dask', assets, tmp_path / 'dpo-dask.json')
-    print(f"dpo wall time: ray {ray_run['wall_s']} s, dask {dask_run['wall_s']} s")
-    assert dask_run['exact'] == ray_run['exact']
+    dask_run = _on_both_backends('dpo', assets, tmp_path)
     values = dask_run['values']
     steps = values['steps']
     assert values['optim_steps'] == 3 and len(steps) == 3
