@@ -165,6 +165,7 @@ def test_twinkle_script_runs_on_the_cluster_with_ray_actor_values():
     ranks = out["identity"]
     assert [(r["RANK"], r["WORLD_SIZE"], r["CLUSTER_NAME"], r["TWINKLE_SEED"]) for r in ranks] == [
         ("0", "2", "model", "7"), ("1", "2", "model", "7")]
+    assert [r["LOCAL_RANK"] for r in ranks] == ["0", "0"]  # as every Ray actor's, on a CPU group too
     assert all(r["init_draw"] == expected["init"] for r in ranks)
     assert all(r["TOKENIZERS_PARALLELISM"] == "true" for r in ranks)
     assert all(r["dp"] == 2 and r["mesh_type"] == "twinkle.utils.device_mesh" for r in ranks)

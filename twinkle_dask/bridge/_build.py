@@ -15,6 +15,7 @@ random streams it would see in a Ray actor:
   ``seed_everything``, as every Ray actor and every nested Twinkle object
   does; on a worker it exports Twinkle's worker environment and makes handles
   among its arguments collect eagerly;
+* while Twinkle code runs on a worker, ``LOCAL_RANK`` is 0, as in every Ray actor;
 * ``remote_group`` and ``instance_id`` never reach ``__init__``; the instance
   (or handle) gets ``remote_group`` and ``_instance_id``.
 
@@ -33,7 +34,7 @@ from ..exceptions import ConfigurationError
 from ..group import ComponentHandle, component_actors
 from ..mesh import is_mesh
 from ..specs import ClassSpec, class_spec
-from ._classes import _twinkle
+from ._classes import _twinkle, ray_actor_local_rank
 
 __all__ = ["build_remote", "init_in_process"]
 
@@ -119,6 +120,7 @@ def init_in_process(self: Any, cls: type, init_method: Any, spec: ClassSpec, arg
     on_worker = bool(os.environ.get("WORKER_NAME"))
     if on_worker:
         _worker_environment()
+        ray_actor_local_rank()
     if not spec.mesh_param:
         args = tuple(a for a in args if not is_mesh(a))
         kwargs = {k: v for k, v in kwargs.items() if not is_mesh(v)}

@@ -31,6 +31,7 @@ construction at the latest; classes decorated before are found by
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import threading
 import types
@@ -79,6 +80,19 @@ def is_twinkle_class(cls: Any) -> bool:
 
 def _is_twinkle_method(fn: Any) -> bool:
     return isinstance(fn, types.FunctionType) and fn.__code__ is _twinkle().method_code
+
+
+def ray_actor_local_rank() -> None:
+    """LOCAL_RANK as Twinkle gives every Ray actor: 0 (each actor sees its own devices from index 0).
+
+    twinkle_dask numbers a CPU group's ranks on a host 0, 1, ... as torchrun does;
+    Twinkle's components read ``LOCAL_RANK`` (``Platform.is_local_master()``, the
+    local device), so while their code runs on a worker it is 0, as on Ray.
+    The identity of the next call (any component) sets it again.
+    """
+    if os.environ.get("WORKER_NAME") and os.environ.get("LOCAL_RANK") != "0":
+        os.environ["LOCAL_RANK"] = "0"
+
 
 
 # ----------------------------------------------------------------------------- finding classes
@@ -192,6 +206,7 @@ def _bridged_method(cls: type, name: str, wrapper: Any) -> Any:
         if not _dask_mode():
             return wrapper(self, *args, **kwargs)
         _twinkle().infra.check_unsafe(*args, **kwargs)
+        ray_actor_local_rank()
         if _has_lazy(args, kwargs):
             args, kwargs = _collect_here(self, spec, args, kwargs)
         return func(self, *args, **kwargs)
