@@ -47,9 +47,9 @@ from distributed.protocol.serialize import Pickled
 from .._config import seconds
 from ..exceptions import ConfigurationError, SerializationError, WorkerLostError
 from .protocol import Notice, Ping, Reply, Request
-from .serde import Blob, dumps_blob
+from .serde import Blob, device_frame_of, device_frame_sink, device_frames_enabled, dumps_blob
 
-__all__ = ["Blob", "Channel", "LoopInbox", "ServerEnd", "connect_timeout", "pack", "unpack"]
+__all__ = ["Blob", "Channel", "LoopInbox", "ServerEnd", "can_move_device", "connect_timeout", "pack", "unpack"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +92,17 @@ def unpack(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- wire
-def _dump_batch(batch: list[Entry], copy: bool = False) -> tuple[bytes, list[Any]]:
+def _dump_batch(batch: list[Entry], copy: bool = False, device: bool = False) -> tuple[bytes, list[Any], int]:
     """One batch as one pickle and its large buffers (blobs' tensors and arrays), out of band.
 
     ``copy``: the buffers are copied (in-process comms hand over the object itself, and the
-    receiver must not share memory with the sender's values).
+    receiver must not share memory with the sender's values). ``device``: the comm moves
+    device memory, so blobs' device frames (CUDA tensors) become frames as they are, in
+    device memory; otherwise they are copied to host here. Returns the pickle, the frames
+    and how many of them are device frames.
     """
+    if device:
+        return _dump_batch_device(batch, copy)
     buffers: list[Any] = []
 
     def out_of_band(buf: pickle.PickleBuffer) -> bool:
@@ -107,12 +112,48 @@ def _dump_batch(batch: list[Entry], copy: bool = False) -> tuple[bytes, list[Any
         buffers.append(bytearray(raw) if copy else raw)
         return False
 
-    return pickle.dumps(batch, protocol=5, buffer_callback=out_of_band), buffers
+    return pickle.dumps(batch, protocol=5, buffer_callback=out_of_band), buffers, 0
 
 
-def _encode(batch: list[Entry], copy: bool) -> Pickled:
-    """One batch for a Dask comm: the pickle in the header, large buffers as the comm's own frames."""
-    head, buffers = _dump_batch(batch, copy)
+def _dump_batch_device(batch: list[Entry], copy: bool) -> tuple[bytes, list[Any], int]:
+    """:func:`_dump_batch` for a comm that moves device memory.
+
+    Each device frame is one of the pickle's out-of-band buffers, in the
+    order the pickle uses them: Dask's comm unpickles the batch itself with
+    the message's frames as the buffers, so the receiving unpickler hands
+    each device frame, as the comm received it (device memory), to the blob
+    that owns it.
+    """
+    buffers: list[Any] = []
+    count = 0
+
+    def out_of_band(buf: pickle.PickleBuffer) -> bool:
+        nonlocal count
+        frame = device_frame_of(buf)
+        if frame is not None:
+            buffers.append(frame)
+            count += 1
+            return False
+        raw = buf.raw()
+        if raw.nbytes <= _IN_BAND:
+            return True
+        buffers.append(bytearray(raw) if copy else raw)
+        return False
+
+    with device_frame_sink():
+        head = pickle.dumps(batch, protocol=5, buffer_callback=out_of_band)
+    return head, buffers, count
+
+
+def _encode(batch: list[Entry], copy: bool, device: bool = False) -> Pickled:
+    """One batch for a Dask comm: the pickle in the header, large buffers as the comm's own frames.
+
+    With ``device`` (a comm that moves device memory, both ends able to use it),
+    blobs' device frames are frames too, and the header counts them (``device-frames``).
+    """
+    head, buffers, count = _dump_batch(batch, copy, device)
+    if count:
+        return Pickled({"pickled-obj": head, "device-frames": count}, buffers)
     return Pickled({"pickled-obj": head}, buffers)
 
 
@@ -173,12 +214,15 @@ class _Batching:
 class _Stream(_Batching):
     """Both ends' use of one Dask comm: batched writes, and a reader that hands over each batch.
 
-    ``heard`` is when something last arrived from the peer.
+    ``heard`` is when something last arrived from the peer. ``device``: the
+    comm moves device memory and both ends use it (agreed when the channel
+    opened): blobs' device frames travel as they are.
     """
 
-    def __init__(self, comm: Comm, on_lost: Callable[[BaseException | None], None]) -> None:
+    def __init__(self, comm: Comm, on_lost: Callable[[BaseException | None], None], device: bool = False) -> None:
         super().__init__(comm, on_lost)
         self.heard = time.monotonic()
+        self.device = device
         # Our own payloads unpickle without copies: never hand them to an offload thread.
         comm.allow_offload = False
         self._copy = isinstance(comm, InProc)
@@ -203,7 +247,7 @@ class _Stream(_Batching):
         whose write does wait is finished by a task, and what is queued
         meanwhile leaves after it, in order.
         """
-        coro = self.comm.write(_encode(batch, self._copy), serializers=_SERIALIZERS, on_error="raise")
+        coro = self.comm.write(_encode(batch, self._copy, self.device), serializers=_SERIALIZERS, on_error="raise")
         try:
             waiting = coro.send(None)
         except StopIteration:
@@ -292,7 +336,7 @@ _CHUNK = 512 * 1024
 
 def _frame(batch: list[Entry]) -> list[Any]:
     """One batch as length-prefixed frames: count, sizes, the pickle, its large buffers."""
-    head, buffers = _dump_batch(batch)
+    head, buffers, _ = _dump_batch(batch)  # device frames are copied to host: TCP moves host memory
     frames: list[Any] = [head, *buffers]
     sizes = b"".join(_U64.pack(len(f) if isinstance(f, bytes) else f.nbytes) for f in frames)
     return [_U64.pack(len(frames)), sizes, *frames]
@@ -564,12 +608,27 @@ class _SocketStream(_Batching):
 
 
 
+def can_move_device(comm: Comm) -> bool:
+    """Whether this end can send and receive device memory on ``comm``.
+
+    True for a UCX comm (``distributed.comm.ucx``, ``distributed_ucxx``) in a
+    process with device frames on (see
+    :func:`twinkle_dask._wire.serde.set_device_frames`); a channel uses device
+    frames when both of its ends can.
+    """
+    if not device_frames_enabled():
+        return False
+    module = type(comm).__module__
+    return module == "distributed.comm.ucx" or module.split(".")[0] == "distributed_ucxx"
+
+
 def open_stream(comm: Comm, on_lost: Callable[[BaseException | None], None],
-                take: bool) -> _Stream | _SocketStream:
-    """The stream a channel runs on ``comm``: its socket taken over (``take``), or the comm itself."""
+                take: bool, device: bool = False) -> _Stream | _SocketStream:
+    """The stream a channel runs on ``comm``: its socket taken over (``take``), or the comm itself
+    (``device``: blobs' device frames travel as they are)."""
     if take:
         return _SocketStream(comm, on_lost)
-    return _Stream(comm, on_lost)
+    return _Stream(comm, on_lost, device)
 
 class Channel:
     """A caller's end of one persistent Dask comm to a worker.
@@ -625,12 +684,16 @@ class Channel:
         try:
             comm = await connect(self.address, timeout=connect_timeout(), **self.connection_args)
             take = can_take_socket(comm)
-            await comm.write({"op": STREAM_HANDLER, "reply": False, "take": take},
-                             serializers=_SERIALIZERS, on_error="raise")
-            if take:
+            device = can_move_device(comm)
+            hello: dict[str, Any] = {"op": STREAM_HANDLER, "reply": False, "take": take}
+            if device:
+                hello["device"] = True
+            await comm.write(hello, serializers=_SERIALIZERS, on_error="raise")
+            if take or device:
                 # The worker answers before taking its end: nothing follows on either side until
-                # both run the socket themselves.
-                take = bool((await comm.read(deserializers=_SERIALIZERS)).get("take"))
+                # both run the socket themselves (and both know whether device frames go).
+                answer = await comm.read(deserializers=_SERIALIZERS)
+                take, device = bool(answer.get("take")), bool(answer.get("device"))
         except asyncio.CancelledError:
             self._fail(WorkerLostError(self.address, reason="channel closed"))
             raise
@@ -642,7 +705,7 @@ class Channel:
             comm.abort()
             return
         try:
-            stream = self._stream = open_stream(comm, self._on_lost, take)
+            stream = self._stream = open_stream(comm, self._on_lost, take, device)
         except Exception as exc:
             self._fail(WorkerLostError(self.address, reason=f"{type(exc).__name__}: {exc}"))
             return
@@ -785,8 +848,8 @@ class Channel:
 class ServerEnd:
     """A worker's end of a channel: requests in, replies and notices out."""
 
-    def __init__(self, comm: Comm, take: bool = False) -> None:
-        self._stream = open_stream(comm, self._on_lost, take)
+    def __init__(self, comm: Comm, take: bool = False, device: bool = False) -> None:
+        self._stream = open_stream(comm, self._on_lost, take, device)
 
     async def close(self) -> None:
         await self._stream.close()
