@@ -672,6 +672,11 @@ class Channel:
         return "socket" if isinstance(self._stream, _SocketStream) else "comm"
 
     @property
+    def moves_device(self) -> bool:
+        """Whether CUDA tensors kept in device memory travel on this channel as they are (both ends on UCX)."""
+        return isinstance(self._stream, _Stream) and self._stream.device
+
+    @property
     def comm(self) -> Comm | None:
         """The Dask comm to the worker (None until connected or once lost)."""
         return self._stream.comm if self._stream is not None else None
