@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -214,6 +215,55 @@ def test_comms_without_device_support_get_host_copies(device_path):
     assert count == 0 and len(buffers) == 1 and not isinstance(buffers[0], torch.Tensor)
     out = pickle.loads(head, buffers=buffers)[0][1].value.load()
     assert torch.equal(out["x"], x) and torch.equal(out["y"], y)
+
+
+class _RecordingComm:
+    """A comm that moves host memory only and keeps what is written to it."""
+
+    peer_address = "tls://127.0.0.1:1"
+
+    def __init__(self):
+        self.written = []
+
+    async def write(self, msg, serializers=None, on_error=None):
+        await asyncio.sleep(0)
+        self.written.append(msg)
+        return 0
+
+    def abort(self):
+        pass
+
+
+def test_host_copies_for_a_comm_without_device_support_are_made_off_the_event_loop(device_path, monkeypatch):
+    copied_on = []
+    host_frame = _serde._host_frame
+
+    def recording_host_frame(frame):
+        copied_on.append(threading.get_ident())
+        return host_frame(frame)
+
+    monkeypatch.setattr(_serde, "_host_frame", recording_host_frame)
+    x = torch.arange(64 * 1024, dtype=torch.float32)
+
+    async def main():
+        comm = _RecordingComm()
+        stream = _channel._Stream(comm, lambda exc: None)
+        stream.push((1, Reply(True, value=dumps_blob({"x": x}))))
+        await asyncio.sleep(0)  # the flush: the copy goes to a thread, the write waits for it
+        assert stream._writing is not None and comm.written == []
+        stream.push((2, Reply(True, value=dumps_blob("after"))))  # queued behind it, in order
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(comm.written) < 2 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        return threading.get_ident(), comm.written
+
+    loop_thread, written = asyncio.run(main())
+    assert len(copied_on) == 1 and copied_on[0] != loop_thread
+    assert [len(_channel._decode(m)) for m in written] == [1, 1]
+    first, second = (_channel._decode(m)[0] for m in written)
+    assert first[0] == 1 and torch.equal(first[1].value.load()["x"], x)
+    assert second[0] == 2 and second[1].value.load() == "after"
+    assert "device-frames" not in written[0].header
 
 
 def test_a_blob_pickled_outside_a_batch_copies_its_device_frames_to_host(device_path):

@@ -168,6 +168,18 @@ def _decode(msg: Any) -> list[Entry]:
     return cast("list[Entry]", batch)
 
 
+def _holds_device_frames(batch: list[Entry]) -> bool:
+    """Whether a payload in ``batch`` keeps tensors in device memory (only where device frames are on)."""
+    if not device_frames_enabled():
+        return False
+    for _, msg in batch:
+        for field in ("value", "payload", "remote_dispatch"):
+            blob = getattr(msg, field, None)
+            if isinstance(blob, Blob) and blob.device_frames:
+                return True
+    return False
+
+
 def connect_timeout() -> float:
     """``distributed.comm.timeouts.connect`` in seconds (read at call time)."""
     return float(parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="seconds"))
@@ -247,6 +259,10 @@ class _Stream(_Batching):
         whose write does wait is finished by a task, and what is queued
         meanwhile leaves after it, in order.
         """
+        if not self.device and _holds_device_frames(batch):
+            # Device frames to copy to host for this comm: done in a thread, the loop stays free.
+            self._writing = asyncio.get_running_loop().create_task(self._write_staged(batch))
+            return
         coro = self.comm.write(_encode(batch, self._copy, self.device), serializers=_SERIALIZERS, on_error="raise")
         try:
             waiting = coro.send(None)
@@ -257,6 +273,22 @@ class _Stream(_Batching):
             self.lost(exc)
             return
         self._writing = asyncio.get_running_loop().create_task(self._finish(coro, waiting))
+
+    async def _write_staged(self, batch: list[Entry]) -> None:
+        """Write ``batch`` after copying its blobs' device frames to host in a thread (what is
+        queued meanwhile leaves after it, in order)."""
+        try:
+            msg = await asyncio.get_running_loop().run_in_executor(None, _encode, batch, self._copy, False)
+            await self.comm.write(msg, serializers=_SERIALIZERS, on_error="raise")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.debug("twinkle stream write to %s failed: %s", self.comm.peer_address, exc)
+            self.lost(exc)
+        finally:
+            self._writing = None
+        if self._queue and not self.closed:
+            self._flush()
 
     async def _finish(self, coro: Any, waiting: Any) -> None:
         try:
