@@ -20,6 +20,9 @@ payload fails one call. On the wire a batch of messages is one pickle whose
 blobs' buffers follow it as the comm's own frames
 (``distributed.protocol.Pickled``), which Dask's TCP comm receives straight
 into their own buffers (no copy of large tensors on the receiving side).
+On a UCX comm whose two ends both keep CUDA tensors in device memory
+(agreed when the channel opens), blobs' device frames are frames of the
+message too, sent and received device to device.
 """
 
 from __future__ import annotations

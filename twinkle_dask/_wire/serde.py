@@ -45,12 +45,14 @@ both ends can take device memory (a UCX comm, checked when the channel
 opens), each device frame becomes one of the Dask message's own frames
 (it exposes ``__cuda_array_interface__``, which the UCX comm sends device to
 device and receives into device memory), and the receiver rebuilds the
-tensor on its GPU from it without a copy. Anywhere else (a TCP or TLS
-connection, an in-process comm, a peer without a GPU, a blob pickled by Dask
-itself) the device frames are copied to host where the blob is pickled,
-which on a channel is the event loop's thread: correct, not device to device.
-With the switch off, CUDA tensors stage through host memory in the
-serializing thread as described above. Objects that plain pickle cannot
+tensor on its GPU from it without a copy. Anywhere else (a peer without a
+GPU, a comm other than UCX, a blob pickled by Dask itself) the device frames
+are copied to host where the blob is pickled (on a channel, in a thread, not
+on the event loop) and land as above: correct, not device to device. A
+tensor kept as a device frame is the component's own tensor, not a
+snapshot: changing it in place before its consumers have it changes what
+they get (as with a Dask task's result). With the switch off, CUDA tensors
+stage through host memory in the serializing thread as described above. Objects that plain pickle cannot
 handle (classes defined in ``__main__`` or in a function, lambdas) go
 through cloudpickle.
 """
