@@ -52,9 +52,10 @@ on the event loop) and land as above: correct, not device to device. A
 tensor kept as a device frame is the component's own tensor, not a
 snapshot: changing it in place before its consumers have it changes what
 they get (as with a Dask task's result). With the switch off, CUDA tensors
-stage through host memory in the serializing thread as described above. Objects that plain pickle cannot
-handle (classes defined in ``__main__`` or in a function, lambdas) go
-through cloudpickle.
+stage through host memory in the serializing thread as described above.
+
+Objects that plain pickle cannot handle (classes defined in ``__main__`` or
+in a function, lambdas) go through cloudpickle.
 """
 
 from __future__ import annotations
