@@ -241,6 +241,14 @@ class OnGPU:
         return {"device": str(t.device), "sum": float(t.sum())}
 
     @remote_function(dispatch="all", collect="first")
+    def is_arange(self, t):
+        """Whether ``t`` equals ``make(len(t))``, made here."""
+        import torch
+
+        return {"device": str(t.device), "dtype": str(t.dtype), "numel": t.numel(),
+                "equal": bool(torch.equal(t, torch.arange(t.numel(), dtype=t.dtype, device=t.device)))}
+
+    @remote_function(dispatch="all", collect="first")
     def all_reduce(self, value: float):
         import torch
         import torch.distributed as dist

@@ -39,7 +39,7 @@ from ._deploy.cluster import (
 from ._seed import seed_everything
 from ._wire.caller import Caller
 from ._wire.protocol import Close, Notice, Output
-from ._wire.serde import register_serializers
+from ._wire.serde import cuda_usable, moves_device_memory, register_serializers, set_device_frames
 from .exceptions import BlockingCallError, ConfigurationError, WorkerLostError, WorkerRestartError
 from .group import BuildPlan, ComponentRef, create_component
 from .mesh import DeviceGroup, DeviceMesh, is_mesh, resolve_groups
@@ -432,6 +432,7 @@ class DaskSession:
         if conn.tls_dir is not None:
             conn.tls_dir.cleanup()
         _identity.restore_env(self._driver_env)
+        set_device_frames(False)
 
 
 def _check_groups(groups: Any) -> list[DeviceGroup]:
@@ -688,6 +689,9 @@ def _connect(resolved: Any, *, address: str | None, client: Any, security: Any, 
 def _start_session(connection: ClusterConnection, **options: Any) -> Any:
     """Make ``connection``'s session the process's session; return its client."""
     session = DaskSession(connection=connection, **options)
+    # On UCX, a driver with a GPU sends and receives CUDA tensors device to device.
+    address = str(getattr(connection.client.scheduler, "address", "") or "")
+    set_device_frames(moves_device_memory(address) and cuda_usable())
     runtime.set_process_session(session)
     _register_atexit()
     logger.info("twinkle_dask session started: groups %s", [g.name for g in session.groups])

@@ -20,6 +20,9 @@ payload fails one call. On the wire a batch of messages is one pickle whose
 blobs' buffers follow it as the comm's own frames
 (``distributed.protocol.Pickled``), which Dask's TCP comm receives straight
 into their own buffers (no copy of large tensors on the receiving side).
+On a UCX comm whose two ends both keep CUDA tensors in device memory
+(agreed when the channel opens), blobs' device frames are frames of the
+message too, sent and received device to device.
 """
 
 from __future__ import annotations
@@ -47,9 +50,9 @@ from distributed.protocol.serialize import Pickled
 from .._config import seconds
 from ..exceptions import ConfigurationError, SerializationError, WorkerLostError
 from .protocol import Notice, Ping, Reply, Request
-from .serde import Blob, dumps_blob
+from .serde import Blob, device_frame_of, device_frame_sink, device_frames_enabled, dumps_blob
 
-__all__ = ["Blob", "Channel", "LoopInbox", "ServerEnd", "connect_timeout", "pack", "unpack"]
+__all__ = ["Blob", "Channel", "LoopInbox", "ServerEnd", "can_move_device", "connect_timeout", "pack", "unpack"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +95,17 @@ def unpack(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- wire
-def _dump_batch(batch: list[Entry], copy: bool = False) -> tuple[bytes, list[Any]]:
+def _dump_batch(batch: list[Entry], copy: bool = False, device: bool = False) -> tuple[bytes, list[Any], int]:
     """One batch as one pickle and its large buffers (blobs' tensors and arrays), out of band.
 
     ``copy``: the buffers are copied (in-process comms hand over the object itself, and the
-    receiver must not share memory with the sender's values).
+    receiver must not share memory with the sender's values). ``device``: the comm moves
+    device memory, so blobs' device frames (CUDA tensors) become frames as they are, in
+    device memory; otherwise they are copied to host here. Returns the pickle, the frames
+    and how many of them are device frames.
     """
+    if device:
+        return _dump_batch_device(batch, copy)
     buffers: list[Any] = []
 
     def out_of_band(buf: pickle.PickleBuffer) -> bool:
@@ -107,12 +115,48 @@ def _dump_batch(batch: list[Entry], copy: bool = False) -> tuple[bytes, list[Any
         buffers.append(bytearray(raw) if copy else raw)
         return False
 
-    return pickle.dumps(batch, protocol=5, buffer_callback=out_of_band), buffers
+    return pickle.dumps(batch, protocol=5, buffer_callback=out_of_band), buffers, 0
 
 
-def _encode(batch: list[Entry], copy: bool) -> Pickled:
-    """One batch for a Dask comm: the pickle in the header, large buffers as the comm's own frames."""
-    head, buffers = _dump_batch(batch, copy)
+def _dump_batch_device(batch: list[Entry], copy: bool) -> tuple[bytes, list[Any], int]:
+    """:func:`_dump_batch` for a comm that moves device memory.
+
+    Each device frame is one of the pickle's out-of-band buffers, in the
+    order the pickle uses them: Dask's comm unpickles the batch itself with
+    the message's frames as the buffers, so the receiving unpickler hands
+    each device frame, as the comm received it (device memory), to the blob
+    that owns it.
+    """
+    buffers: list[Any] = []
+    count = 0
+
+    def out_of_band(buf: pickle.PickleBuffer) -> bool:
+        nonlocal count
+        frame = device_frame_of(buf)
+        if frame is not None:
+            buffers.append(frame)
+            count += 1
+            return False
+        raw = buf.raw()
+        if raw.nbytes <= _IN_BAND:
+            return True
+        buffers.append(bytearray(raw) if copy else raw)
+        return False
+
+    with device_frame_sink():
+        head = pickle.dumps(batch, protocol=5, buffer_callback=out_of_band)
+    return head, buffers, count
+
+
+def _encode(batch: list[Entry], copy: bool, device: bool = False) -> Pickled:
+    """One batch for a Dask comm: the pickle in the header, large buffers as the comm's own frames.
+
+    With ``device`` (a comm that moves device memory, both ends able to use it),
+    blobs' device frames are frames too, and the header counts them (``device-frames``).
+    """
+    head, buffers, count = _dump_batch(batch, copy, device)
+    if count:
+        return Pickled({"pickled-obj": head, "device-frames": count}, buffers)
     return Pickled({"pickled-obj": head}, buffers)
 
 
@@ -125,6 +169,18 @@ def _decode(msg: Any) -> list[Entry]:
     if not isinstance(batch, list):
         raise TypeError(f"a twinkle stream carries lists of messages, not {type(batch).__name__}")
     return cast("list[Entry]", batch)
+
+
+def _holds_device_frames(batch: list[Entry]) -> bool:
+    """Whether a payload in ``batch`` keeps tensors in device memory (only where device frames are on)."""
+    if not device_frames_enabled():
+        return False
+    for _, msg in batch:
+        for field in ("value", "payload", "remote_dispatch"):
+            blob = getattr(msg, field, None)
+            if isinstance(blob, Blob) and blob.device_frames:
+                return True
+    return False
 
 
 def connect_timeout() -> float:
@@ -173,12 +229,15 @@ class _Batching:
 class _Stream(_Batching):
     """Both ends' use of one Dask comm: batched writes, and a reader that hands over each batch.
 
-    ``heard`` is when something last arrived from the peer.
+    ``heard`` is when something last arrived from the peer. ``device``: the
+    comm moves device memory and both ends use it (agreed when the channel
+    opened): blobs' device frames travel as they are.
     """
 
-    def __init__(self, comm: Comm, on_lost: Callable[[BaseException | None], None]) -> None:
+    def __init__(self, comm: Comm, on_lost: Callable[[BaseException | None], None], device: bool = False) -> None:
         super().__init__(comm, on_lost)
         self.heard = time.monotonic()
+        self.device = device
         # Our own payloads unpickle without copies: never hand them to an offload thread.
         comm.allow_offload = False
         self._copy = isinstance(comm, InProc)
@@ -203,7 +262,11 @@ class _Stream(_Batching):
         whose write does wait is finished by a task, and what is queued
         meanwhile leaves after it, in order.
         """
-        coro = self.comm.write(_encode(batch, self._copy), serializers=_SERIALIZERS, on_error="raise")
+        if not self.device and _holds_device_frames(batch):
+            # Device frames to copy to host for this comm: done in a thread, the loop stays free.
+            self._writing = asyncio.get_running_loop().create_task(self._write_staged(batch))
+            return
+        coro = self.comm.write(_encode(batch, self._copy, self.device), serializers=_SERIALIZERS, on_error="raise")
         try:
             waiting = coro.send(None)
         except StopIteration:
@@ -213,6 +276,22 @@ class _Stream(_Batching):
             self.lost(exc)
             return
         self._writing = asyncio.get_running_loop().create_task(self._finish(coro, waiting))
+
+    async def _write_staged(self, batch: list[Entry]) -> None:
+        """Write ``batch`` after copying its blobs' device frames to host in a thread (what is
+        queued meanwhile leaves after it, in order)."""
+        try:
+            msg = await asyncio.get_running_loop().run_in_executor(None, _encode, batch, self._copy, False)
+            await self.comm.write(msg, serializers=_SERIALIZERS, on_error="raise")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.debug("twinkle stream write to %s failed: %s", self.comm.peer_address, exc)
+            self.lost(exc)
+        finally:
+            self._writing = None
+        if self._queue and not self.closed:
+            self._flush()
 
     async def _finish(self, coro: Any, waiting: Any) -> None:
         try:
@@ -292,7 +371,7 @@ _CHUNK = 512 * 1024
 
 def _frame(batch: list[Entry]) -> list[Any]:
     """One batch as length-prefixed frames: count, sizes, the pickle, its large buffers."""
-    head, buffers = _dump_batch(batch)
+    head, buffers, _ = _dump_batch(batch)  # device frames are copied to host: TCP moves host memory
     frames: list[Any] = [head, *buffers]
     sizes = b"".join(_U64.pack(len(f) if isinstance(f, bytes) else f.nbytes) for f in frames)
     return [_U64.pack(len(frames)), sizes, *frames]
@@ -564,12 +643,27 @@ class _SocketStream(_Batching):
 
 
 
+def can_move_device(comm: Comm) -> bool:
+    """Whether this end can send and receive device memory on ``comm``.
+
+    True for a UCX comm (``distributed.comm.ucx``, ``distributed_ucxx``) in a
+    process with device frames on (see
+    :func:`twinkle_dask._wire.serde.set_device_frames`); a channel uses device
+    frames when both of its ends can.
+    """
+    if not device_frames_enabled():
+        return False
+    module = type(comm).__module__
+    return module == "distributed.comm.ucx" or module.split(".")[0] == "distributed_ucxx"
+
+
 def open_stream(comm: Comm, on_lost: Callable[[BaseException | None], None],
-                take: bool) -> _Stream | _SocketStream:
-    """The stream a channel runs on ``comm``: its socket taken over (``take``), or the comm itself."""
+                take: bool, device: bool = False) -> _Stream | _SocketStream:
+    """The stream a channel runs on ``comm``: its socket taken over (``take``), or the comm itself
+    (``device``: blobs' device frames travel as they are)."""
     if take:
         return _SocketStream(comm, on_lost)
-    return _Stream(comm, on_lost)
+    return _Stream(comm, on_lost, device)
 
 class Channel:
     """A caller's end of one persistent Dask comm to a worker.
@@ -613,6 +707,11 @@ class Channel:
         return "socket" if isinstance(self._stream, _SocketStream) else "comm"
 
     @property
+    def moves_device(self) -> bool:
+        """Whether CUDA tensors kept in device memory travel on this channel as they are (both ends on UCX)."""
+        return isinstance(self._stream, _Stream) and self._stream.device
+
+    @property
     def comm(self) -> Comm | None:
         """The Dask comm to the worker (None until connected or once lost)."""
         return self._stream.comm if self._stream is not None else None
@@ -625,12 +724,16 @@ class Channel:
         try:
             comm = await connect(self.address, timeout=connect_timeout(), **self.connection_args)
             take = can_take_socket(comm)
-            await comm.write({"op": STREAM_HANDLER, "reply": False, "take": take},
-                             serializers=_SERIALIZERS, on_error="raise")
-            if take:
+            device = can_move_device(comm)
+            hello: dict[str, Any] = {"op": STREAM_HANDLER, "reply": False, "take": take}
+            if device:
+                hello["device"] = True
+            await comm.write(hello, serializers=_SERIALIZERS, on_error="raise")
+            if take or device:
                 # The worker answers before taking its end: nothing follows on either side until
-                # both run the socket themselves.
-                take = bool((await comm.read(deserializers=_SERIALIZERS)).get("take"))
+                # both run the socket themselves (and both know whether device frames go).
+                answer = await comm.read(deserializers=_SERIALIZERS)
+                take, device = bool(answer.get("take")), bool(answer.get("device"))
         except asyncio.CancelledError:
             self._fail(WorkerLostError(self.address, reason="channel closed"))
             raise
@@ -642,7 +745,7 @@ class Channel:
             comm.abort()
             return
         try:
-            stream = self._stream = open_stream(comm, self._on_lost, take)
+            stream = self._stream = open_stream(comm, self._on_lost, take, device)
         except Exception as exc:
             self._fail(WorkerLostError(self.address, reason=f"{type(exc).__name__}: {exc}"))
             return
@@ -785,8 +888,8 @@ class Channel:
 class ServerEnd:
     """A worker's end of a channel: requests in, replies and notices out."""
 
-    def __init__(self, comm: Comm, take: bool = False) -> None:
-        self._stream = open_stream(comm, self._on_lost, take)
+    def __init__(self, comm: Comm, take: bool = False, device: bool = False) -> None:
+        self._stream = open_stream(comm, self._on_lost, take, device)
 
     async def close(self) -> None:
         await self._stream.close()

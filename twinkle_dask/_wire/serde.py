@@ -32,14 +32,35 @@ and lands on the receiver's GPU when the receiver is a GPU worker
 in the serializing thread above. The ``cuda`` family
 (``distributed.protocol.cuda``) sends a CUDA tensor's device memory as its
 frame, so Dask messages on a comm that moves device memory (UCX, with
-``"cuda"`` in its serializers) move it device to device; a call's payload
-is one pickle with host frames, so there it takes the ``dask`` family's
-way. Objects that plain pickle cannot handle (classes defined in
-``__main__`` or in a function, lambdas) go through cloudpickle.
+``"cuda"`` in its serializers) move it device to device.
+
+A call's payload moves CUDA tensors device to device too where the cluster
+speaks UCX (:func:`set_device_frames`: on in a GPU worker whose address is
+``ucx://`` and in a driver with a GPU whose scheduler is ``ucx://``, off
+everywhere else). Then :func:`dumps_blob` keeps each (non-empty, plain)
+CUDA tensor out of the pickle: the pickle holds a small rebuild call (dtype,
+shape, ``requires_grad``, an index) and the blob holds the contiguous tensor
+itself in ``device_frames``, no copy. When the blob crosses a channel whose
+both ends can take device memory (a UCX comm, checked when the channel
+opens), each device frame becomes one of the Dask message's own frames
+(it exposes ``__cuda_array_interface__``, which the UCX comm sends device to
+device and receives into device memory), and the receiver rebuilds the
+tensor on its GPU from it without a copy. Anywhere else (a peer without a
+GPU, a comm other than UCX, a blob pickled by Dask itself) the device frames
+are copied to host where the blob is pickled (on a channel, in a thread, not
+on the event loop) and land as above: correct, not device to device. A
+tensor kept as a device frame is the component's own tensor, not a
+snapshot: changing it in place before its consumers have it changes what
+they get (as with a Dask task's result). With the switch off, CUDA tensors
+stage through host memory in the serializing thread as described above.
+
+Objects that plain pickle cannot handle (classes defined in ``__main__`` or
+in a function, lambdas) go through cloudpickle.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -56,11 +77,13 @@ from distributed.utils import has_keyword
 
 from .._types import tensor_type
 
-__all__ = ["Blob", "dumps_blob", "register_serializers", "set_cuda_landing"]
+__all__ = ["Blob", "device_frames_enabled", "dumps_blob", "register_serializers", "set_cuda_landing",
+           "set_device_frames"]
 
 logger = logging.getLogger(__name__)
 
 _cuda_landing = False
+_device_frames = False
 _torch_registered = False
 _register_lock = threading.RLock()
 
@@ -75,6 +98,41 @@ def set_cuda_landing(enabled: bool) -> None:
     global _cuda_landing
     _cuda_landing = enabled
     register_serializers()
+
+
+def set_device_frames(enabled: bool) -> None:
+    """Say whether :func:`dumps_blob` keeps CUDA tensors in device memory (``device_frames``).
+
+    On in processes whose cluster speaks UCX and that can use CUDA (a GPU
+    worker with a ``ucx://`` address, a driver with a GPU whose scheduler is
+    ``ucx://``), off everywhere else: blobs made while it is off copy CUDA
+    tensors to host in the serializing thread.
+    """
+    global _device_frames
+    _device_frames = bool(enabled)
+    register_serializers()
+
+
+def device_frames_enabled() -> bool:
+    """Whether :func:`dumps_blob` keeps CUDA tensors in device memory (see :func:`set_device_frames`)."""
+    return _device_frames
+
+
+def moves_device_memory(address: str) -> bool:
+    """Whether ``address`` is on a Dask transport that moves device memory (``ucx://``, ``ucxx://``)."""
+    return str(address).startswith(("ucx://", "ucxx://"))
+
+
+def cuda_usable() -> bool:
+    """Whether this process can use a CUDA device through torch (imports torch; False without it)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    try:
+        return bool(torch.cuda.is_available())
+    except Exception:  # a broken driver install: no GPU for this process
+        return False
 
 
 def register_serializers() -> None:
@@ -292,6 +350,8 @@ def _reduce(pickler: Any, obj: Any) -> Any:
     if decision is None:
         return NotImplemented
     dumps, wants_context = decision
+    if dumps is _dask_dumps_tensor and pickler.device_frames is not None and _is_device_tensor(obj):
+        return _reduce_device_tensor(pickler, obj)
     try:
         header, frames = dumps(obj, context=None) if wants_context else dumps(obj)
     except NotImplementedError:
@@ -306,8 +366,122 @@ def _reduce(pickler: Any, obj: Any) -> Any:
     return _dask_loads, (typ, header, *map(_frame, frames))
 
 
+# --------------------------------------------------------------------------- device frames
+def _is_device_tensor(t: Any) -> bool:
+    """Whether ``t`` (a ``torch.Tensor``) travels as a device frame while device frames are on."""
+    return bool(t.device.type == "cuda" and t.numel() > 0)
+
+
+def _reduce_device_tensor(pickler: Any, t: Any) -> Any:
+    """Keep ``t`` out of the pickle: the pickle gets a rebuild call, the blob the tensor itself."""
+    try:
+        _check_plain(t)
+    except NotImplementedError:
+        return NotImplemented
+    x = t
+    if x.is_conj() or x.is_neg() or not x.is_contiguous():
+        x = x.detach().resolve_conj().resolve_neg().contiguous()  # a copy on the device, never to host
+    pickler.device_tensors = True
+    frames: list[Any] = pickler.device_frames
+    frames.append(x)
+    return _device_tensor, (_tensor_header(t, "cuda"), len(frames) - 1)
+
+
+#: Per thread: ``frames`` = the device frames of the blob being loaded; ``sink`` = a batch is
+#: being pickled for a comm that moves device memory.
+_local = threading.local()
+
+
+def _device_tensor(header: dict[str, Any], index: int) -> Any:
+    """Inside :meth:`Blob.load`: the tensor kept as the blob's device frame ``index``."""
+    frames = getattr(_local, "frames", None)
+    if frames is None or index >= len(frames):
+        raise pickle.UnpicklingError("a tensor kept in device memory is unpickled outside its Blob's load()")
+    return _tensor_from_device_frame(header, frames[index])
+
+
+def _tensor_from_device_frame(header: dict[str, Any], frame: Any) -> Any:
+    """Rebuild a tensor from its device frame: device memory as received (no copy), or host bytes.
+
+    A frame with ``__cuda_array_interface__`` (what a UCX comm receives into) becomes a
+    tensor on this process's current GPU without a copy; a torch tensor (the blob was made
+    in this process) is used as it is; host bytes (the frame was staged through host memory)
+    land on this process's GPU when it is a GPU worker, on the CPU otherwise.
+    """
+    import torch
+
+    dtype = getattr(torch, header["dtype"])
+    shape = tuple(header["shape"])
+    if isinstance(frame, torch.Tensor):
+        flat = frame.detach().reshape(-1).view(torch.uint8)
+    elif hasattr(frame, "__cuda_array_interface__"):
+        flat = torch.as_tensor(frame, device="cuda").reshape(-1).view(torch.uint8)
+    else:
+        t = _dask_loads_tensor(dict(header, requires_grad=False), [frame])
+        return _finish(t, header)
+    return _finish(flat.view(dtype).reshape(shape), header)
+
+
+class _DeviceSlot(bytearray):
+    """Stands in, as an out-of-band pickle buffer, for one device frame of a blob.
+
+    While a batch is pickled for a comm that moves device memory (see
+    :func:`device_frame_sink`), the batch's ``buffer_callback`` finds the
+    slot (:func:`device_frame_of`) and makes the device frame itself the
+    message's frame; the receiver's unpickler hands that frame, as received,
+    to :func:`_blob_with_device`.
+    """
+
+    frame: Any = None
+
+
+class device_frame_sink:  # noqa: N801  # used as a context manager, like contextlib's
+    """While active (in this thread), blobs pickled here hand their device frames to the pickle's buffer callback."""
+
+    def __enter__(self) -> None:
+        self._was = getattr(_local, "sink", False)
+        _local.sink = True
+
+    def __exit__(self, *exc: object) -> None:
+        _local.sink = self._was
+
+
+def device_frame_of(buf: pickle.PickleBuffer) -> Any:
+    """The device frame ``buf`` stands in for (see :class:`_DeviceSlot`), or None for an ordinary buffer."""
+    obj = buf.raw().obj
+    return obj.frame if isinstance(obj, _DeviceSlot) else None
+
+
+def _wire_frame(frame: Any) -> Any:
+    """``frame`` as it leaves on a comm that moves device memory: flat bytes in device memory."""
+    tensor = tensor_type()
+    if tensor is not None and isinstance(frame, tensor):
+        return _flat_bytes(frame)  # a view (detached, so it exposes __cuda_array_interface__)
+    return frame  # device memory a comm received (rmm, numba): passed on as it is
+
+
+def _host_frame(frame: Any) -> memoryview:
+    """``frame``'s bytes in host memory (a copy from the device)."""
+    tensor = tensor_type()
+    if tensor is not None and isinstance(frame, tensor):
+        flat = _flat_bytes(frame)
+    elif hasattr(frame, "__cuda_array_interface__"):
+        import torch
+
+        flat = torch.as_tensor(frame, device="cuda").reshape(-1).view(torch.uint8)
+    else:
+        return memoryview(frame).cast("B") if memoryview(frame).ndim != 1 else memoryview(frame)
+    return memoryview(flat.cpu().numpy()).cast("B")
+
+
+def _frame_nbytes(frame: Any) -> int:
+    n = getattr(frame, "nbytes", None)
+    return int(n) if n is not None else memoryview(frame).nbytes
+
+
 class _Pickler(pickle.Pickler):
-    device_tensors = False  # set when a GPU tensor was copied to host
+    device_tensors = False  # set when a GPU tensor was copied to host or kept as a device frame
+    device_frames: list[Any] | None = None  # CUDA tensors kept out of the pickle (device frames on)
 
     def reducer_override(self, obj: Any) -> Any:
         return _reduce(self, obj)
@@ -315,6 +489,7 @@ class _Pickler(pickle.Pickler):
 
 class _CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle has no type information
     device_tensors = False
+    device_frames: list[Any] | None = None
 
     def reducer_override(self, obj: Any) -> Any:
         reduced = _reduce(self, obj)
@@ -323,12 +498,15 @@ class _CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle h
         return reduced
 
 
-def _dump(pickler_cls: type, obj: Any) -> tuple[bytes, list[Any], bool]:
+def _dump(pickler_cls: type, obj: Any) -> tuple[bytes, list[Any], bool, list[Any]]:
     buffers: list[Any] = []
     f = io.BytesIO()
     pickler = pickler_cls(f, protocol=5, buffer_callback=buffers.append)
+    device_frames: list[Any] = []
+    if _device_frames:
+        pickler.device_frames = device_frames
     pickler.dump(obj)
-    return f.getvalue(), buffers, pickler.device_tensors
+    return f.getvalue(), buffers, pickler.device_tensors, device_frames
 
 
 class Blob:
@@ -337,38 +515,80 @@ class Blob:
     Pickled inside a message it travels as the message's own out-of-band
     frames (small ones in band), so large tensors are never copied into the
     message. :meth:`load` unpickles it. ``device`` says whether GPU tensors
-    were copied to host to make it (known where it was made, not sent).
+    were copied to host or kept in device memory to make it (known where it
+    was made, not sent). ``device_frames``: CUDA tensors kept out of the
+    pickle (see :func:`set_device_frames`); after a comm that moves device
+    memory, the device memory it received; after any other, host bytes.
     """
 
-    __slots__ = ("device", "frames")
+    __slots__ = ("device", "device_frames", "frames")
 
-    def __init__(self, frames: list[Any], device: bool = False) -> None:
+    def __init__(self, frames: list[Any], device: bool = False, device_frames: list[Any] | None = None) -> None:
         self.frames = frames
         self.device = device
+        self.device_frames: list[Any] = device_frames if device_frames is not None else []
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        if isinstance(protocol, int) and protocol >= 5:
-            return _blob, tuple(pickle.PickleBuffer(f) for f in self.frames)
-        return _blob, tuple(bytes(f) for f in self.frames)
+        oob = isinstance(protocol, int) and protocol >= 5
+        if not self.device_frames:
+            if oob:
+                return _blob, tuple(pickle.PickleBuffer(f) for f in self.frames)
+            return _blob, tuple(bytes(f) for f in self.frames)
+        host: tuple[Any, ...]
+        if oob:
+            host = tuple(pickle.PickleBuffer(f) for f in self.frames)
+        else:
+            host = tuple(bytes(f) for f in self.frames)
+        return _blob_with_device, (len(self.frames), *host, *map(functools.partial(_device_out, oob),
+                                                                  self.device_frames))
 
     def load(self) -> Any:
-        return pickle.loads(self.frames[0], buffers=self.frames[1:])
+        if not self.device_frames:
+            return pickle.loads(self.frames[0], buffers=self.frames[1:])
+        was = getattr(_local, "frames", None)
+        _local.frames = self.device_frames
+        try:
+            return pickle.loads(self.frames[0], buffers=self.frames[1:])
+        finally:
+            _local.frames = was
 
     @property
     def nbytes(self) -> int:
-        return sum(memoryview(f).nbytes for f in self.frames)
+        return sum(memoryview(f).nbytes for f in self.frames) + sum(map(_frame_nbytes, self.device_frames))
+
+
+def _device_out(oob: bool, frame: Any) -> Any:
+    """One device frame of a blob being pickled: the device memory itself into a batch
+    for a comm that moves it, else its bytes copied to host."""
+    if oob and getattr(_local, "sink", False):
+        tensor = tensor_type()
+        if (tensor is not None and isinstance(frame, tensor)) or hasattr(frame, "__cuda_array_interface__"):
+            slot = _DeviceSlot()
+            slot.frame = _wire_frame(frame)
+            return pickle.PickleBuffer(slot)
+        return pickle.PickleBuffer(memoryview(frame))  # already host bytes
+    host = _host_frame(frame)
+    return pickle.PickleBuffer(host) if oob else host.tobytes()
 
 
 def _blob(*frames: Any) -> Blob:
     return Blob(list(frames))
 
 
+def _blob_with_device(n: int, *frames: Any) -> Blob:
+    return Blob(list(frames[:n]), device_frames=list(frames[n:]))
+
+
 def dumps_blob(obj: Any) -> Blob:
-    """Pickle ``obj`` (protocol 5; Dask-serialized objects, arrays and tensors out of band) into a :class:`Blob`."""
+    """Pickle ``obj`` (protocol 5; Dask-serialized objects, arrays and tensors out of band) into a :class:`Blob`.
+
+    With device frames on (:func:`set_device_frames`), CUDA tensors stay in
+    device memory, in the blob's ``device_frames``.
+    """
     try:
-        data, buffers, device = _dump(_Pickler, obj)
+        data, buffers, device, device_frames = _dump(_Pickler, obj)
         if b"__main__" in data:
             raise pickle.PicklingError("refers to __main__")
     except Exception:
-        data, buffers, device = _dump(_CloudPickler, obj)
-    return Blob([data, *(b.raw() for b in buffers)], device)
+        data, buffers, device, device_frames = _dump(_CloudPickler, obj)
+    return Blob([data, *(b.raw() for b in buffers)], device, device_frames)

@@ -44,7 +44,7 @@ from .._config import seconds
 from .._keys import DESIRE_HANDLER
 from .._seed import set_determinism
 from .._wire.caller import Caller
-from .._wire.channel import STREAM_HANDLER, Blob, ServerEnd, can_take_socket, pack, unpack
+from .._wire.channel import STREAM_HANDLER, Blob, ServerEnd, can_move_device, can_take_socket, pack, unpack
 from .._wire.errors import add_note, decode_error, encode_error
 from .._wire.protocol import (
     INLINE_ALL,
@@ -66,7 +66,7 @@ from .._wire.protocol import (
     Request,
     Stats,
 )
-from .._wire.serde import set_cuda_landing
+from .._wire.serde import cuda_usable, moves_device_memory, set_cuda_landing, set_device_frames
 from ..dashboard import CallRecorder
 from ..exceptions import (
     ColocationError,
@@ -715,6 +715,8 @@ class TwinkleWorker:
         worker.extensions[self.name] = self
         # Tensors that left a GPU land on this worker's GPU (device 0 of its CUDA_VISIBLE_DEVICES).
         set_cuda_landing(os.environ.get("TWINKLE_GPU") == "1")
+        # On UCX, a GPU worker's CUDA tensors travel device to device (TCP/TLS/inproc: through host memory).
+        set_device_frames(moves_device_memory(worker.address) and cuda_usable())
 
     @staticmethod
     def _on_notice(notice: Notice) -> None:
@@ -895,17 +897,20 @@ class TwinkleWorker:
             )
         return host
 
-    async def twinkle_stream(self, comm: Comm, take: bool = False) -> Status:
+    async def twinkle_stream(self, comm: Comm, take: bool = False, device: bool = False) -> Status:
         """Dask handler: serve a caller's channel on ``comm`` until the caller goes away.
 
         ``take``: the caller asks to run the connection's TCP socket itself
-        (see :func:`twinkle_dask._wire.channel.can_take_socket`); the answer goes
-        back on the comm before either end does.
+        (see :func:`twinkle_dask._wire.channel.can_take_socket`); ``device``: the
+        caller can send and receive device memory on this comm (see
+        :func:`twinkle_dask._wire.channel.can_move_device`). The answers go back
+        on the comm before either end uses it.
         """
-        if take:
-            take = can_take_socket(comm)
-            await comm.write({"take": take}, serializers=("pickle",), on_error="raise")
-        end = ServerEnd(comm, take)
+        if take or device:
+            take = take and can_take_socket(comm)
+            device = device and can_move_device(comm)
+            await comm.write({"take": take, "device": device}, serializers=("pickle",), on_error="raise")
+        end = ServerEnd(comm, take, device)
         self.ends.add(end)
         try:
             await end.serve(self._on_message)
