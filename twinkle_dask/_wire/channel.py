@@ -272,10 +272,18 @@ class _Stream(_Batching):
         except StopIteration:
             return
         except Exception as exc:  # the comm failed under us
-            logger.debug("twinkle stream write to %s failed: %s", self.comm.peer_address, exc)
-            self.lost(exc)
+            self._write_failed(exc)
             return
         self._writing = asyncio.get_running_loop().create_task(self._finish(coro, waiting))
+
+    def _write_failed(self, exc: BaseException) -> None:
+        logger.debug("twinkle stream write to %s failed: %s", self.comm.peer_address, exc)
+        self.lost(exc)
+
+    def _flush_queued(self) -> None:
+        """A write that had to wait is over: what was queued meanwhile leaves now, in order."""
+        if self._queue and not self.closed:
+            self._flush()
 
     async def _write_staged(self, batch: list[Entry]) -> None:
         """Write ``batch`` after copying its blobs' device frames to host in a thread (what is
@@ -286,12 +294,10 @@ class _Stream(_Batching):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            logger.debug("twinkle stream write to %s failed: %s", self.comm.peer_address, exc)
-            self.lost(exc)
+            self._write_failed(exc)
         finally:
             self._writing = None
-        if self._queue and not self.closed:
-            self._flush()
+        self._flush_queued()
 
     async def _finish(self, coro: Any, waiting: Any) -> None:
         try:
@@ -310,12 +316,10 @@ class _Stream(_Batching):
             coro.close()
             raise
         except Exception as exc:
-            logger.debug("twinkle stream write to %s failed: %s", self.comm.peer_address, exc)
-            self.lost(exc)
+            self._write_failed(exc)
         finally:
             self._writing = None
-        if self._queue and not self.closed:
-            self._flush()
+        self._flush_queued()
 
     async def read_loop(self, on_batch: Callable[[list[Entry]], None]) -> None:
         """Hand each batch that arrives to ``on_batch`` until the comm closes."""
