@@ -43,7 +43,7 @@ def _result(proc: subprocess.CompletedProcess[str]) -> dict:
 
 
 def _ray_actor_draws(seed: int) -> dict:
-    """What a fresh Ray actor seeded by Twinkle draws: its __init__, then one draw() call."""
+    """What a fresh Ray actor seeded by Twinkle draws: its __init__, then two draw() calls."""
     from twinkle.utils import framework_util
 
     state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
@@ -51,13 +51,14 @@ def _ray_actor_draws(seed: int) -> dict:
         framework_util.seed_everything(seed, False)
         init = torch.rand(3).tolist()
         draw = float(torch.rand(1)) + random.random() + float(np.random.rand())
+        draw2 = float(torch.rand(1)) + random.random() + float(np.random.rand())
         framework_util.seed_everything(seed, False)
         nested = torch.rand(2).tolist()
     finally:
         random.setstate(state[0])
         np.random.set_state(state[1])
         torch.set_rng_state(state[2])
-    return {"init": init, "draw": draw, "nested": nested}
+    return {"init": init, "draw": draw, "draw2": draw2, "nested": nested}
 
 
 # --------------------------------------------------------------------------- install and probe
@@ -179,6 +180,8 @@ def test_twinkle_script_runs_on_the_cluster_with_ray_actor_values():
     assert "DeviceGroup: model" in out["placement"] and "DeviceMesh: Scaler" in out["placement"]
     assert "DeviceMesh: Source" in out["placement"]
     assert out["twinkle_mode"] == "dask"
+    # A lazy result given to a Twinkle object built in the driver arrives as its value, as on Ray.
+    assert out["tally"] == ["float64", [expected["draw2"]]]  # collect='mean' gives numpy's float, as Twinkle's
 
 
 @pytest.mark.timeout(120)

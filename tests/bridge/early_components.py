@@ -72,3 +72,16 @@ class Source:
 class Helper:
     def __init__(self):
         self.draw = torch.rand(2).tolist()
+
+
+@remote_class()
+class Tally:
+    """Built in the driver (no remote_group): a lazy result given to its method arrives collected."""
+
+    def __init__(self):
+        self.seen = []
+
+    @remote_function()
+    def add(self, value):
+        self.seen.append(value)
+        return type(value).__name__

@@ -9,7 +9,7 @@ import os
 import sys
 
 import twinkle
-from early_components import Scaler, Source
+from early_components import Scaler, Source, Tally
 from twinkle import DeviceGroup, DeviceMesh, get_device_placement, initialize, remote_class, remote_function
 
 import twinkle_dask.bridge  # noqa: E402,F401  (the one added line)
@@ -41,6 +41,8 @@ def main():
     source = Source(5, device_mesh=mesh, remote_group='model')
     late = Late(remote_group='model')
     draw = scaler.draw()
+    tally = Tally()
+    tally_type = tally.add(scaler.draw())
     out = {
         'apply': scaler.apply([1, 2, 3]),
         'draw_lazy_type': type(draw).__name__,
@@ -56,6 +58,7 @@ def main():
         'handle_is_instance': isinstance(scaler, Scaler),
         'placement': get_device_placement(),
         'twinkle_mode': twinkle.infra._mode,
+        'tally': [tally_type, tally.seen],
     }
     print('RESULT ' + json.dumps(out, default=repr))
 
