@@ -280,26 +280,20 @@ class _Stream(_Batching):
         logger.debug("twinkle stream write to %s failed: %s", self.comm.peer_address, exc)
         self.lost(exc)
 
-    def _flush_queued(self) -> None:
-        """A write that had to wait is over: what was queued meanwhile leaves now, in order."""
-        if self._queue and not self.closed:
-            self._flush()
-
     async def _write_staged(self, batch: list[Entry]) -> None:
         """Write ``batch`` after copying its blobs' device frames to host in a thread (what is
         queued meanwhile leaves after it, in order)."""
         try:
             msg = await asyncio.get_running_loop().run_in_executor(None, _encode, batch, self._copy, False)
-            await self.comm.write(msg, serializers=_SERIALIZERS, on_error="raise")
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
-            self._write_failed(exc)
-        finally:
             self._writing = None
-        self._flush_queued()
+            self._write_failed(exc)
+            return
+        await self._finish(self.comm.write(msg, serializers=_SERIALIZERS, on_error="raise"), None)
 
     async def _finish(self, coro: Any, waiting: Any) -> None:
+        """Drive a comm write to its end (``waiting``: what it waits on, None to start it), then let
+        what was queued meanwhile leave, in order."""
         try:
             while True:
                 if waiting is None:
@@ -319,7 +313,8 @@ class _Stream(_Batching):
             self._write_failed(exc)
         finally:
             self._writing = None
-        self._flush_queued()
+        if self._queue and not self.closed:
+            self._flush()
 
     async def read_loop(self, on_batch: Callable[[list[Entry]], None]) -> None:
         """Hand each batch that arrives to ``on_batch`` until the comm closes."""

@@ -68,9 +68,8 @@ def install_initialize() -> None:
 def initialize(*args: Any, **kwargs: Any) -> Any:
     """twinkle's ``initialize``: ``mode='dask'`` runs here, the other modes in twinkle-kit's own."""
     global _called
-    signature = _original_initialize.__signature__
-    explicit = set(signature.bind(*args, **kwargs).arguments)
-    bound = signature.bind(*args, **kwargs)
+    bound = _original_initialize.__signature__.bind(*args, **kwargs)
+    explicit = set(bound.arguments)  # what the script passed, before the defaults fill in
     bound.apply_defaults()
     options = dict(bound.arguments)
     _called = True
@@ -150,8 +149,6 @@ class TwinkleWorkerPlugin(WorkerPlugin):
     worker of the cluster, and on workers that join later, before they run
     anything of the session's.
     """
-
-    idempotent = False
 
     def __init__(self, *, seed: int, full_determinism: bool, lazy_collect: bool,
                  environment: dict[str, str]) -> None:
