@@ -11,6 +11,7 @@ import pytest
 from components import Echo, make_data
 from dask.utils import key_split
 from distributed import Future, as_completed, futures_of, progress, wait
+from waiting import poll
 
 from twinkle_dask import LazyResult
 from twinkle_dask._worker.store import data_key
@@ -24,14 +25,6 @@ MIB = 1 << 20
 def _total(name):
     return sum(s[name] for s in worker_stats().values())
 
-
-def _poll(condition, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +81,7 @@ def test_futures_keep_the_data_after_the_lazy_result_is_gone_and_release_frees_i
     keys = [f.key for f in futures]
     del lazy
     gc.collect()
-    assert _poll(lambda: _total("held") == 0), worker_stats()  # the kept results went with the LazyResult
+    assert poll(lambda: _total("held") == 0), worker_stats()  # the kept results went with the LazyResult
     for f, e in zip(futures, expected):
         np.testing.assert_array_equal(f.result(), e)
 
@@ -98,7 +91,7 @@ def test_futures_keep_the_data_after_the_lazy_result_is_gone_and_release_frees_i
     assert sorted(k for ks in cluster.run(held_keys).values() for k in ks) == sorted(keys)
     del futures, f
     gc.collect()
-    assert _poll(lambda: not any(cluster.run(held_keys).values()))
+    assert poll(lambda: not any(cluster.run(held_keys).values()))
     assert not set(keys) & set(cluster.who_has())
 
 
@@ -113,7 +106,7 @@ def test_futures_of_a_call_still_running_wait_for_it_and_outlive_the_lazy_result
     assert cluster.gather(futures) == [0.5, 0.5]
     del futures
     gc.collect()
-    assert _poll(lambda: _total("held") == 0), worker_stats()
+    assert poll(lambda: _total("held") == 0), worker_stats()
 
 
 def test_submit_on_a_lazy_result_gets_the_collected_value_never_through_the_driver(cluster, parts, driver_gathers):
@@ -235,7 +228,7 @@ def test_a_future_still_running_is_waited_for_and_held_until_the_call_ends(clust
     def known(dask_scheduler, key=key):
         return key in dask_scheduler.tasks
 
-    assert _poll(lambda: cluster.run_on_scheduler(known))
+    assert poll(lambda: cluster.run_on_scheduler(known))
     consumer.sleep(0.5)  # the next call waits behind this one
     lazy = consumer.record({"v": slow})
     del slow
@@ -244,7 +237,7 @@ def test_a_future_still_running_is_waited_for_and_held_until_the_call_ends(clust
     assert lazy() == [{"v": "late"}, {"v": "late"}]
     del lazy
     gc.collect()
-    assert _poll(lambda: not cluster.run_on_scheduler(known))
+    assert poll(lambda: not cluster.run_on_scheduler(known))
 
 
 def test_a_dask_future_inside_a_sliced_argument_is_dispatched_on_the_worker(cluster, parts):

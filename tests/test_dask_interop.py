@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 from distributed import Future
+from waiting import poll
 
 from twinkle_dask import remote_class, remote_function
 from twinkle_dask._worker.extension import DATA_BYTES
@@ -21,14 +22,6 @@ pytestmark = pytest.mark.timeout(120)
 
 MIB = 1 << 20
 
-
-def _poll(condition, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 # --------------------------------------------------------------------------- slow unpickling (tests only)
@@ -195,8 +188,8 @@ def test_rank_futures_are_the_kept_results_counted_once_and_freed_with_their_las
     assert [float(f.result()[0]) for f in futures] == [0.0, 1.0]
     del futures, f
     gc.collect()
-    assert _poll(lambda: not any(client.run(_held(keys)).values()))
-    assert _poll(lambda: not set(keys) & set(client.run_on_scheduler(_scheduler_keys)))
+    assert poll(lambda: not any(client.run(_held(keys)).values()))
+    assert poll(lambda: not set(keys) & set(client.run_on_scheduler(_scheduler_keys)))
 
 
 def test_a_small_result_enters_the_data_store_only_when_futures_asks(client, parts):
@@ -247,7 +240,7 @@ def test_a_future_cancelled_while_the_call_waits_for_it_fails_the_call_quickly(c
         ts = dask_scheduler.tasks.get(key)
         return 0 if ts is None else len(ts.who_wants or ())
 
-    assert _poll(lambda: client.run_on_scheduler(wanted_by) == 2)  # the driver's client and the worker's
+    assert poll(lambda: client.run_on_scheduler(wanted_by) == 2)  # the driver's client and the worker's
     start = time.monotonic()
     client.cancel(slow, force=True)
     with pytest.raises(DaskFutureError, match=r"was cancelled") as info:
@@ -311,7 +304,7 @@ def test_a_slow_unpickle_of_a_lazy_call_input_leaves_the_worker_loop_answering(c
     address = runtime.process_session().placements["consumer"].addresses[0]
     assert client.run(_unpickling_state, workers=[address])[address] == "idle"
     result = consumer.size_of(lazy, SlowToUnpickle(2.0))
-    assert _poll(lambda: client.run(_unpickling_state, workers=[address])[address] == "running", timeout=10)
+    assert poll(lambda: client.run(_unpickling_state, workers=[address])[address] == "running", timeout=10)
     start = time.monotonic()
     assert client.run(_one, workers=[address])[address] == 1
     answered = time.monotonic() - start
